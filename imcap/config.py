@@ -1,0 +1,240 @@
+"""The typed configuration tree: YAML file + dotted `key=value` overrides, validated at load.
+
+    cfg = load_config("configs/demo.yaml", ["train.lr=3e-4", "data.batch_size=32"])
+
+Every key is a dataclass field with a type and a default. An unknown key, a value of the wrong
+type or a value outside its allowed set is a `ConfigError` naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/demo"  # a directory of {split}-NNNNNN.tar + sizes.json, or a brace pattern
+    demo: bool = False  # generate the synthetic demo shards into `shards` when they are missing
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: int = 224
+    train_crop: Literal["random", "center"] = "random"
+    batch_size: int = 32  # images per process per micro-batch
+    captions_per_image: int = 1  # k: each image is encoded once and trained with k of its captions
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    feature_cache: bool = False  # train from cached outputs of the frozen part of the encoder
+
+
+@dataclass
+class TextConfig:
+    min_word_count: int = 5  # rarer words become <unk>
+    max_length: int = 20  # words per caption, longer ones are truncated
+
+
+@dataclass
+class EncoderConfig:
+    weights: str = "imagenet"  # imagenet | none | path to a ResNet-50 state dict
+    train_layer4: bool = False
+    feature_stats_images: int = 0  # standardise the features per channel with statistics of this many train images
+    channels_last: bool = True
+
+
+@dataclass
+class DecoderConfig:
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    attention_dim: int = 512
+    dropout: float = 0.5
+    alpha_c: float = 1.0  # weight of the doubly stochastic attention penalty
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 4e-4
+    layer4_lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_accum_steps: int = 1
+    clip_grad_norm: float = 5.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    cpu: bool = False  # force CPU (and gloo) even when a GPU is visible
+    seed: int = 0
+    log_every: int = 10  # optimizer steps
+    compile: bool = False
+    preemption_signal: str = "SIGUSR1"  # with SIGTERM: save a checkpoint and exit with code 75
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0: at the end of every epoch
+    beam_size: int = 1  # 1: greedy
+    length_penalty: float = 0.0  # beam scores are log-probabilities / length ** length_penalty
+    no_repeat_ngram: int = 0  # >0: no n-gram of this size twice in a caption
+    max_length: int = 20  # decoding steps
+    max_images: int = 0  # 0: the whole split
+    batch_size: int = 64
+    print_samples: int = 3
+    # False: evaluations during training skip the Java tools (PTB tokeniser, METEOR); the last one runs all
+    full_metrics_each_eval: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end of every epoch
+    keep_last: int = 3
+    best_metric: str = "cider"  # an evaluation metric (higher is better) or val_loss (lower is better)
+
+
+@dataclass
+class Config:
+    run_name: str = "demo"
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = "auto"  # auto | latest | none | a run or checkpoint directory
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run_name
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top, not {type(tree).__name__}")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-4)")
+        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text.strip() else "")
+    cfg = _build(Config, tree, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    cfg = _build(Config, tree, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: Config) -> None:
+    checks = [
+        (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
+        (cfg.data.captions_per_image >= 1, "data.captions_per_image must be >= 1"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.data.image_size >= 32, "data.image_size must be >= 32 (ResNet-50 downsamples by 32)"),
+        (not (cfg.data.feature_cache and cfg.data.train_crop == "random"),
+         "data.feature_cache needs data.train_crop=center: a random crop changes the features every epoch"),
+        (cfg.text.min_word_count >= 1, "text.min_word_count must be >= 1"),
+        (cfg.text.max_length >= 1, "text.max_length must be >= 1"),
+        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
+        (cfg.train.lr > 0, "train.lr must be > 0"),
+        (0.0 <= cfg.model.decoder.dropout < 1.0, "model.decoder.dropout must be in [0, 1)"),
+        (cfg.eval.max_length >= 1, "eval.max_length must be >= 1"),
+        (cfg.eval.beam_size >= 1, "eval.beam_size must be >= 1"),
+        (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
+        (cfg.checkpoint.best_metric in (*METRICS, "val_loss"),
+         f"checkpoint.best_metric must be one of {', '.join((*METRICS, 'val_loss'))}"),
+        (cfg.train.preemption_signal.startswith("SIG") and hasattr(signal, cfg.train.preemption_signal),
+         "train.preemption_signal must name a signal, e.g. SIGUSR1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _build(cls, tree: Any, prefix: str):
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {tree!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(tree) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; allowed keys in "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
+    values = {name: _coerce(hints[name], tree[name], prefix + name) for name in names if name in tree}
+    return cls(**values)
+
+
+def _coerce(hint, value: Any, key: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false; got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer; got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number; got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string; got {value!r}")
+        return str(value)
+    raise TypeError(f"config field {key} has an unsupported type {hint}")

@@ -1,0 +1,49 @@
+"""Process-group helpers: agreeing on values across ranks, and the preemption flag."""
+from __future__ import annotations
+
+import signal
+
+import torch
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; requeue and resume
+
+
+def broadcast_object(accelerator, obj):
+    """The main process's value of obj, on every rank."""
+    if accelerator.num_processes == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(accelerator, obj) -> list:
+    """Every rank's obj, in rank order, on every rank."""
+    if accelerator.num_processes == 1:
+        return [obj]
+    out = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+class StopFlag:
+    """Set by SIGTERM or the preemption signal; ranks agree on it at step boundaries.
+
+    The handler only sets a flag, so a signal that arrives during a save (a second one included)
+    cannot interrupt the write.
+    """
+
+    def __init__(self, preemption_signal: str = "SIGUSR1"):
+        self.received: str | None = None
+        for sig in {signal.SIGTERM, getattr(signal, preemption_signal)}:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.received = self.received or signal.Signals(signum).name
+
+    def agreed(self, accelerator) -> bool:
+        """True on every rank if any rank received a signal (an all-reduce, so call it on all ranks)."""
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        flag = torch.tensor([self.received is not None], dtype=torch.int32, device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item())

@@ -1,0 +1,71 @@
+"""Evaluation on a split: teacher-forced loss and decoded captions scored against all references.
+
+Each rank decodes its share of the split (see EvalStream); captions are gathered on every rank and
+scored once, on the main process, and every rank gets the same numbers. No collective runs per batch,
+so ranks with unequal shares cannot hang.
+"""
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from imcap.data.pipeline import Collate, eval_loader, model_inputs
+from imcap.distributed import broadcast_object, gather_objects
+from imcap.metrics import caption_scores
+from imcap.model import caption_loss
+from imcap.model.decoding import decode
+from imcap.text import Vocabulary
+
+
+class Evaluator:
+    def __init__(self, shards: list[str], collate: Collate, vocab: Vocabulary, accelerator: Accelerator, *,
+                 batch_size: int, image_size: int, max_images: int, max_length: int, alpha_c: float,
+                 beam_size: int = 1, length_penalty: float = 0.0, no_repeat_ngram: int = 0, num_workers: int = 0):
+        self.shards, self.collate, self.vocab, self.accelerator = shards, collate, vocab, accelerator
+        self.batch_size, self.image_size, self.max_images = batch_size, image_size, max_images
+        self.max_length, self.alpha_c, self.num_workers = max_length, alpha_c, num_workers
+        self.beam = {"beam_size": beam_size, "length_penalty": length_penalty, "no_repeat_ngram": no_repeat_ngram}
+
+    @torch.no_grad()
+    def __call__(self, model, full_metrics: bool = True) -> dict:
+        """full_metrics=False skips the Java tools (PTB tokeniser, METEOR) for a quick score."""
+        acc = self.accelerator
+        model = acc.unwrap_model(model)
+        was_training = model.training
+        model.eval()
+        loader = eval_loader(self.shards, self.collate, rank=acc.process_index, world_size=acc.num_processes,
+                             batch_size=self.batch_size, image_size=self.image_size, max_images=self.max_images,
+                             num_workers=self.num_workers)
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=acc.device)  # (sum of losses, images)
+        results, skipped = [], 0
+        for batch in loader:
+            inputs = model_inputs(batch, acc.device)
+            captions = batch["captions"].to(acc.device)
+            with acc.autocast():
+                logits, alphas = model(captions, **inputs)
+                loss, _ = caption_loss(logits, alphas, captions, self.vocab.pad, self.alpha_c)
+                decoded = decode(model, self.vocab.start, self.vocab.end, self.max_length, **self.beam, **inputs)
+            loss_sum += torch.tensor([loss.item() * len(captions), len(captions)], dtype=torch.float64,
+                                     device=acc.device)
+            skipped += batch["skipped"]
+            results += [(i, self.vocab.decode(t), refs)
+                        for i, t, refs in zip(batch["image_ids"], decoded.tokens, batch["references"])]
+        model.train(was_training)
+        loss_sum = acc.reduce(loss_sum, reduction="sum")
+        gathered = gather_objects(acc, (results, skipped))
+        results = sorted((r for part, _ in gathered for r in part), key=lambda r: r[0])
+        ids = [r[0] for r in results]
+        if len(set(ids)) != len(ids):
+            raise RuntimeError("evaluation saw an image twice; the split was not partitioned across ranks")
+        scores = None
+        if acc.is_main_process and results:
+            scores = caption_scores({i: c for i, c, _ in results}, {i: refs for i, _, refs in results},
+                                    java=full_metrics)
+        scores = broadcast_object(acc, scores)
+        return {
+            "val_loss": (loss_sum[0] / loss_sum[1].clamp(min=1)).item(),
+            "images": len(results),
+            "skipped": sum(s for _, s in gathered),
+            **(scores or {}),
+            "samples": [{"image_id": i, "caption": c, "reference": refs[0]} for i, c, refs in results],
+        }

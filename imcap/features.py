@@ -1,0 +1,114 @@
+"""The frozen-feature cache: the frozen part of the encoder run once over a dataset's shards.
+
+A cache mirrors its source: for every `{split}-NNNNNN.tar` a tar of the same name whose samples hold
+`key.safetensors` (the frozen part's output, (C, h, w), bf16 by default) and the sample's captions,
+plus sizes.json and cache.json. cache.json records a digest of the frozen weights (BatchNorm
+statistics included) and the image size; the trainer refuses a cache whose digest differs from its
+own encoder's, so a cache is never used with an encoder, weights or image size it was not made with.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from safetensors.torch import save as save_safetensors
+
+from imcap.data.pipeline import DataError, SampleError, decode_sample, list_shards
+from imcap.data.shards import SIZES_FILE, TarShard, update_sizes
+from imcap.model.encoder import EncoderCNN
+
+CACHE_FILE = "cache.json"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def encoder_digest(encoder: EncoderCNN, image_size: int) -> str:
+    """What the cached features depend on: the frozen part's weights and buffers, and the image size."""
+    h = hashlib.sha256(f"image_size={image_size};train_layer4={encoder.train_layer4}".encode())
+    for name, tensor in sorted(encoder.frozen_part.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_cache_meta(cache_dir: str | Path) -> dict | None:
+    path = Path(cache_dir) / CACHE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_cache(cache_dir: str | Path, encoder: EncoderCNN, image_size: int, weights: str) -> None:
+    meta = read_cache_meta(cache_dir)
+    if meta is None:
+        return
+    digest = encoder_digest(encoder, image_size)
+    if meta["digest"] != digest:
+        raise DataError(
+            f"{Path(cache_dir) / CACHE_FILE}: these cached features were made with another encoder "
+            f"(weights {meta['weights']}, image size {meta['image_size']}, train_layer4 {meta['train_layer4']}; "
+            f"now weights {weights}, image size {image_size}, train_layer4 {encoder.train_layer4}, or "
+            f"different weight values). Rebuild the cache (`imcap features build`) or train from images.")
+
+
+@torch.no_grad()
+def build_cache_shards(encoder: EncoderCNN, source: str, splits: list[str], out_dir: str | Path,
+                       image_size: int, batch_size: int, device, dtype: str = "bf16",
+                       rank: int = 0, world_size: int = 1) -> dict[str, int]:
+    """Write this rank's share of the cache shards (every world_size-th); returns their sizes.
+
+    Shards already complete in out_dir are kept, so an interrupted build continues where it stopped.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encoder.eval().to(device)
+    sizes = {}
+    shards = [s for split in splits for s in list_shards(source, split)]
+    for shard in shards[rank::world_size]:
+        target = out_dir / Path(shard).name
+        if target.exists():
+            continue
+        with TarShard(target) as tar:
+            batch: list[dict] = []
+            for sample in wds.DataPipeline(lambda: iter([{"url": shard}]), wds.tarfile_to_samples()):
+                try:
+                    decoded = decode_sample(sample, image_size, None)
+                except SampleError:
+                    continue  # counted again, with its reason, when the source is checked or trained on
+                batch.append(decoded | {"__key__": sample["__key__"]})
+                if len(batch) == batch_size:
+                    _write_batch(tar, batch, encoder, device, DTYPES[dtype])
+                    batch = []
+            if batch:
+                _write_batch(tar, batch, encoder, device, DTYPES[dtype])
+        sizes[target.name] = tar.count
+    return sizes
+
+
+def _write_batch(tar: TarShard, batch: list[dict], encoder: EncoderCNN, device, dtype) -> None:
+    images = torch.stack([s["images"] for s in batch]).to(device)
+    features = encoder.frozen_features(images).to(dtype).cpu()  # (B, C, h, w)
+    for sample, feature in zip(batch, features):
+        tar.write({
+            "__key__": sample["__key__"],
+            "safetensors": save_safetensors({"features": feature.contiguous()}),
+            "json": json.dumps({"image_id": sample["image_id"], "captions": sample["captions"]}).encode(),
+        })
+
+
+def finish_cache(out_dir: str | Path, sizes: dict[str, int], encoder: EncoderCNN, image_size: int,
+                 weights: str, dtype: str) -> None:
+    """Record sizes and what the cache was made with; only then is it complete."""
+    update_sizes(out_dir, sizes)
+    meta = {"digest": encoder_digest(encoder, image_size), "weights": weights, "image_size": image_size,
+            "train_layer4": encoder.train_layer4, "dtype": dtype}
+    (Path(out_dir) / CACHE_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def cache_dir_for(source: str, encoder: EncoderCNN, image_size: int) -> Path:
+    return Path(source) / "features" / encoder_digest(encoder, image_size)[:16]
+
+
+def cache_is_complete(cache_dir: str | Path) -> bool:
+    return (Path(cache_dir) / CACHE_FILE).exists() and (Path(cache_dir) / SIZES_FILE).exists()

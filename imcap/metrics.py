@@ -1,0 +1,89 @@
+"""Caption metrics as the papers compute them: the coco-caption reference code (pycocoevalcap).
+
+BLEU-1..4, METEOR, ROUGE-L and CIDEr-D after PTB tokenisation, exactly as `COCOEvalCap` computes
+them. METEOR and the PTB tokeniser run on Java: without Java, METEOR is reported as unavailable and
+a Python tokeniser that mimics PTB's lower-casing and punctuation removal stands in (the BLEU,
+ROUGE-L and CIDEr-D numbers can then differ slightly from the papers'). SPICE needs Stanford
+CoreNLP models downloaded at first use, so it is only computed when asked for and able to run.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from functools import lru_cache
+
+from imcap.config import METRICS  # noqa: F401  (the names of the scores, in order)
+from imcap.text import tokenize
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=None)
+def java_available() -> bool:
+    java = shutil.which("java")
+    if java is None:
+        log.warning("Java is not installed: METEOR is unavailable and a Python tokeniser replaces "
+                    "the PTB tokeniser (install a JRE, e.g. openjdk-17-jre-headless, for paper-exact numbers)")
+        return False
+    try:
+        subprocess.run([java, "-version"], capture_output=True, check=True, timeout=60)
+        return True
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("Java does not run (%s): METEOR is unavailable, using a Python tokeniser", e)
+        return False
+
+
+def _tokenize(captions: dict[str, list[str]], java: bool) -> dict[str, list[str]]:
+    if java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+    return {k: [" ".join(tokenize(c)) for c in v] for k, v in captions.items()}
+
+
+def caption_scores(predictions: dict, references: dict, java: bool = True,
+                   spice: bool = False) -> dict[str, float | None]:
+    """predictions {image_id: caption}, references {image_id: [captions]} -> {metric: score or None}.
+
+    Scores are on the 0-1 scale of pycocoevalcap (CIDEr-D on its own, larger scale); a metric that
+    cannot run here is None. java=False skips the Java tools (PTB tokeniser, METEOR) for a fast score.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    missing = set(predictions) ^ set(references)
+    if missing:
+        raise ValueError(f"predictions and references must cover the same images; {len(missing)} differ, "
+                         f"e.g. {sorted(map(str, missing))[:3]}")
+    if not predictions:
+        raise ValueError("no predictions to score")
+    ids = sorted(predictions, key=str)
+    java = java and java_available()
+    gts = _tokenize({i: list(references[i]) for i in ids}, java)
+    res = _tokenize({i: [predictions[i]] for i in ids}, java)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores: dict[str, float | None] = {f"bleu{n + 1}": float(b) for n, b in enumerate(bleu)}
+    scores["meteor"] = _meteor(gts, res) if java else None
+    scores["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
+    scores["cider"] = float(Cider().compute_score(gts, res)[0])
+    if spice:
+        scores["spice"] = _spice(gts, res)
+    return scores
+
+
+def _meteor(gts, res) -> float:
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    return float(Meteor().compute_score(gts, res)[0])  # the Java process ends with the object
+
+
+def _spice(gts, res) -> float | None:
+    try:
+        from pycocoevalcap.spice.spice import Spice
+
+        return float(Spice().compute_score(gts, res)[0])
+    except Exception as e:  # needs a download of Stanford CoreNLP on first use
+        log.warning("SPICE is unavailable (%s: %s); the other metrics are reported", type(e).__name__, e)
+        return None

@@ -1,0 +1,138 @@
+"""EncoderCNN: torchvision's ResNet-50 without pooling and classifier, as a grid of region features."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsError(RuntimeError):
+    pass
+
+
+def load_resnet50(weights: str) -> nn.Module:
+    """`imagenet` (torchvision's weights, from the TORCH_HOME cache or downloaded), `none`, or a state-dict path."""
+    resnet = torchvision.models.resnet50(weights=None)
+    if weights == "none":
+        return resnet
+    if weights == "imagenet":
+        state = _imagenet_state_dict()
+    else:
+        state = _local_state_dict(Path(weights))
+    missing, unexpected = resnet.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]  # the classifier is dropped anyway
+    if missing or unexpected:
+        raise WeightsError(f"{weights} is not a ResNet-50 state dict: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    return resnet
+
+
+def _imagenet_state_dict() -> dict:
+    enum = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+    try:
+        return enum.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:  # offline: URLError, socket errors, proxies refusing
+        raise WeightsError(
+            f"could not load the ImageNet ResNet-50 weights: {cached} is not there and downloading "
+            f"{enum.url} failed ({type(e).__name__}: {e}). Place that file at {cached} (the directory "
+            f"follows $TORCH_HOME), or set model.encoder.weights to a local state-dict path or to none."
+        ) from None
+
+
+def _local_state_dict(path: Path) -> dict:
+    if not path.is_file():
+        raise WeightsError(f"model.encoder.weights: {path} does not exist (expected imagenet, none, "
+                           "or the path of a ResNet-50 state dict)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path} could not be loaded as a state dict of tensors: {e}") from None
+    for nested in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(nested), dict):
+            state = state[nested]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+class EncoderCNN(nn.Module):
+    """images (B, 3, H, W) uint8 -> features (B, H/32 * W/32, 2048); (B, 49, 2048) at 224 px.
+
+    The "frozen part" (everything, or everything before layer4 when layer4 trains) runs without
+    gradients and keeps its BatchNorm layers in eval mode. Its output can be cached and fed back
+    through `frozen=` to skip decoding and most of the encoder.
+    """
+
+    feature_dim = 2048
+
+    def __init__(self, weights: str = "imagenet", train_layer4: bool = False, channels_last: bool = True):
+        super().__init__()
+        resnet = load_resnet50(weights)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.cnn = nn.Sequential(*list(resnet.children())[:-2]).to(memory_format=self.memory_format)  # no avgpool, fc
+        self.train_layer4 = train_layer4
+        self.cnn.requires_grad_(False)
+        if train_layer4:
+            self.layer4.requires_grad_(True)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # per-channel standardisation of the output features: identity until estimate_feature_stats
+        self.register_buffer("feature_mean", torch.zeros(self.feature_dim))
+        self.register_buffer("feature_std", torch.ones(self.feature_dim))
+
+    @property
+    def layer4(self) -> nn.Module:
+        return self.cnn[-1]
+
+    @property
+    def frozen_part(self) -> nn.Module:
+        return self.cnn[:-1] if self.train_layer4 else self.cnn
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.frozen_part.eval()  # frozen BatchNorm keeps its running statistics
+        return self
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() / 255.0 - self.mean) / self.std  # (B, 3, H, W)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def frozen_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen part's output: (B, 1024, H/16, W/16) with train_layer4, else (B, 2048, H/32, W/32)."""
+        with torch.no_grad():
+            return self.frozen_part(self.normalize(images))
+
+    def forward(self, images: torch.Tensor | None = None, frozen: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.frozen_features(images) if frozen is None else frozen.float().contiguous(memory_format=self.memory_format)
+        if self.train_layer4:
+            x = self.layer4(x)  # (B, 2048, h, w)
+        features = x.flatten(2).transpose(1, 2)  # (B, h*w, 2048)
+        return (features - self.feature_mean) / self.feature_std
+
+
+@torch.no_grad()
+def estimate_feature_stats(encoder: EncoderCNN, batches) -> int:
+    """Set the per-channel mean and std that standardise the encoder's features, from `batches` of
+    model inputs ({"images": ...} or {"frozen": ...}). Returns the number of images seen.
+
+    Untrained (`weights: none`) ResNet-50 features grow stage by stage to values in the hundreds,
+    which saturate the decoder; standardised, they keep what the untrained network preserves.
+    """
+    encoder.feature_mean.zero_()
+    encoder.feature_std.fill_(1.0)
+    total, total_sq, count, images = 0.0, 0.0, 0, 0
+    for inputs in batches:
+        features = encoder(**inputs).double()  # (B, R, D)
+        total = total + features.sum(dim=(0, 1))
+        total_sq = total_sq + (features ** 2).sum(dim=(0, 1))
+        count += features.shape[0] * features.shape[1]
+        images += features.shape[0]
+    mean = total / count
+    std = (total_sq / count - mean ** 2).clamp(min=0).sqrt()
+    encoder.feature_mean.copy_(mean.float())
+    encoder.feature_std.copy_(std.float().clamp(min=1e-3))  # dead channels stay zero, not inf
+    return images

@@ -1,0 +1,262 @@
+"""The training loop: `train(cfg)` reads top to bottom; the helpers below it are named for what they do.
+
+A step is one optimizer step: `grad_accum_steps` micro-batches on every process, gradients averaged
+across processes by DDP, clipped, then AdamW and the learning-rate schedule step once.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from imcap import features as feature_cache
+from imcap.checkpoint import Checkpointer, TrainState, check_compatible, load_checkpoint, resolve_resume
+from imcap.config import Config, save_config, to_dict
+from imcap.data.dataset import CaptionData, prepare_data
+from imcap.data.pipeline import batches_per_epoch, eval_loader, model_inputs
+from imcap.distributed import EXIT_PREEMPTED, StopFlag, broadcast_object, gather_objects
+from imcap.evaluation import Evaluator
+from imcap.model import Captioner, caption_loss
+from imcap.model.encoder import estimate_feature_stats
+
+log = logging.getLogger("imcap")
+
+
+def train(cfg: Config) -> dict:
+    """Train as configured; returns the last evaluation's scores."""
+    acc = make_accelerator(cfg)
+    set_seed(cfg.train.seed)  # the same initial weights on every process
+    stop = StopFlag(cfg.train.preemption_signal)
+    metrics = MetricsLog(cfg, acc)
+    data = prepare_data(cfg, acc)
+    model = Captioner(cfg.model, len(data.vocab))
+    optimizer = make_optimizer(model, cfg)
+    steps_per_epoch = batches_per_epoch(data.num_train_samples, cfg.data.batch_size, acc.num_processes,
+                                        cfg.train.grad_accum_steps) // cfg.train.grad_accum_steps
+    total_steps = steps_per_epoch * cfg.train.epochs
+    scheduler = make_scheduler(optimizer, cfg.train.warmup_steps, total_steps)
+    checkpointer = Checkpointer(cfg.run_dir, acc, cfg.checkpoint.keep_last)
+
+    data = use_feature_cache(model, data, cfg, acc)
+    resume_from = broadcast_object(acc, resolve_resume(cfg.resume, cfg.run_dir))  # rank 0 decides for all
+    if resume_from:
+        check_compatible(resume_from, model, data.vocab)
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, acc)
+        acc.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, "
+                  f"batch {state.batches_in_epoch})")
+    else:
+        state = TrainState()
+        standardize_features(model, data, cfg, acc)
+    model, optimizer = acc.prepare(model, optimizer)  # not the loader: the pipeline splits shards itself
+    evaluator = make_evaluator(data, cfg, acc)
+
+    acc.print(f"{data.num_train_samples} train images, {len(data.vocab)} words, {acc.num_processes} "
+              f"process(es), {steps_per_epoch} steps per epoch, {total_steps} steps")
+    progress = tqdm(total=total_steps, initial=state.step, disable=not acc.is_main_process, dynamic_ncols=True)
+    scores = {}
+    for epoch in range(state.epoch, cfg.train.epochs):
+        batches = iter(data.train_loader(epoch=epoch, skip=state.batches_in_epoch,
+                                         num_batches=steps_per_epoch * cfg.train.grad_accum_steps,
+                                         rank=acc.process_index, world_size=acc.num_processes))
+        while state.batches_in_epoch < steps_per_epoch * cfg.train.grad_accum_steps:
+            micro_batches = list(itertools.islice(batches, cfg.train.grad_accum_steps))
+            step_metrics = train_step(model, optimizer, scheduler, micro_batches, data.vocab.pad, cfg, acc)
+            state.step += 1
+            state.batches_in_epoch += len(micro_batches)
+            metrics.update(step_metrics, micro_batches)
+            progress.update()
+            if state.step % cfg.train.log_every == 0:
+                progress.set_postfix(metrics.log_train(state, scheduler.get_last_lr()[0]))
+            if stop.agreed(acc):  # every rank saves the same step, then exits
+                checkpointer.save(state, model, optimizer, scheduler, data.vocab, cfg)
+                acc.print(f"stopped by {stop.received or 'another rank'} at step {state.step}; "
+                          f"checkpoint saved, exiting with {EXIT_PREEMPTED}")
+                acc.end_training()
+                sys.exit(EXIT_PREEMPTED)
+            if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
+                scores = evaluate(evaluator, model, state, metrics, cfg, final=state.step == total_steps)
+            if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
+                checkpointer.save(state, model, optimizer, scheduler, data.vocab, cfg, best_score(scores, cfg))
+        state.epoch, state.batches_in_epoch = epoch + 1, 0
+        if not cfg.eval.every_steps:
+            scores = evaluate(evaluator, model, state, metrics, cfg, final=epoch + 1 == cfg.train.epochs)
+        checkpointer.save(state, model, optimizer, scheduler, data.vocab, cfg, best_score(scores, cfg))
+    progress.close()
+    if not scores:  # resumed after the end: nothing was trained, report the model as it is
+        scores = evaluate(evaluator, model, state, metrics, cfg, final=True)
+    acc.end_training()
+    return scores
+
+
+def train_step(model, optimizer, scheduler, micro_batches: list[dict], pad_id: int, cfg: Config,
+               acc: Accelerator) -> dict:
+    model.train()
+    losses = []
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with nullcontext() if last else acc.no_sync(model):  # all-reduce gradients once per step
+            captions = batch["captions"].to(acc.device, non_blocking=True)
+            logits, alphas = model(captions, **model_inputs(batch, acc.device))
+            loss, xent = caption_loss(logits, alphas, captions, pad_id, cfg.model.decoder.alpha_c)
+            acc.backward(loss / len(micro_batches))
+        losses.append(xent.detach())
+    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"xent": torch.stack(losses).mean(), "grad_norm": grad_norm}
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    acc = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision, log_with="tensorboard",
+                      project_dir=str(cfg.run_dir), step_scheduler_with_optimizer=False)
+    if acc.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))  # processes share the cores
+    logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    return acc
+
+
+def make_optimizer(model: Captioner, cfg: Config) -> torch.optim.Optimizer:
+    lrs = {"decoder": cfg.train.lr, "layer4": cfg.train.layer4_lr}
+    groups = [{"params": params, "lr": lrs[name], "name": name}
+              for name, params in model.trainable_parameters().items()]
+    return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+
+
+def make_scheduler(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up to each group's learning rate, then cosine decay to zero at total_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def standardize_features(model: Captioner, data: CaptionData, cfg: Config, acc: Accelerator) -> None:
+    n = cfg.model.encoder.feature_stats_images
+    if not n:
+        return
+    # the first n train images (or their cached features), centre-cropped: the same on every rank
+    batches = eval_loader(data.train_shards, data.collate, rank=0, world_size=1, batch_size=cfg.eval.batch_size,
+                          image_size=cfg.data.image_size, max_images=n, num_workers=0)
+    model.to(acc.device)
+    seen = estimate_feature_stats(model.encoder, (model_inputs(b, acc.device) for b in batches))
+    acc.print(f"standardising the encoder's features with statistics of {seen} train images")
+
+
+def use_feature_cache(model: Captioner, data: CaptionData, cfg: Config, acc: Accelerator) -> CaptionData:
+    """With data.feature_cache, build (or reuse) the cache of the frozen encoder part and read from it."""
+    encoder, d = model.encoder, cfg.data
+    if feature_cache.read_cache_meta(d.shards):  # pointed at a cache directly
+        feature_cache.check_cache(d.shards, encoder, d.image_size, cfg.model.encoder.weights)
+        return data
+    if not d.feature_cache:
+        return data
+    cache = feature_cache.cache_dir_for(d.shards, encoder, d.image_size)
+    if not feature_cache.cache_is_complete(cache):
+        acc.print(f"caching the frozen encoder's features in {cache}")
+        start = time.time()
+        sizes = feature_cache.build_cache_shards(encoder, d.shards, [d.train_split, d.val_split], cache,
+                                                 d.image_size, cfg.eval.batch_size, acc.device,
+                                                 rank=acc.process_index, world_size=acc.num_processes)
+        all_sizes = {k: v for part in gather_objects(acc, sizes) for k, v in part.items()}
+        if acc.is_main_process:
+            feature_cache.finish_cache(cache, all_sizes, encoder, d.image_size, cfg.model.encoder.weights, "bf16")
+        acc.wait_for_everyone()
+        acc.print(f"cached {sum(all_sizes.values())} images in {time.time() - start:.0f} s")
+    return data.with_shards(str(cache))
+
+
+def make_evaluator(data: CaptionData, cfg: Config, acc: Accelerator) -> Evaluator:
+    return Evaluator(data.val_shards, data.collate, data.vocab, acc, batch_size=cfg.eval.batch_size,
+                     image_size=cfg.data.image_size, max_images=cfg.eval.max_images,
+                     max_length=cfg.eval.max_length, alpha_c=cfg.model.decoder.alpha_c, beam_size=cfg.eval.beam_size,
+                     length_penalty=cfg.eval.length_penalty, no_repeat_ngram=cfg.eval.no_repeat_ngram)
+
+
+def evaluate(evaluator: Evaluator, model, state: TrainState, metrics: MetricsLog, cfg: Config, final: bool) -> dict:
+    start = time.time()
+    result = evaluator(model, full_metrics=final or cfg.eval.full_metrics_each_eval)
+    samples = result.pop("samples")
+    result["eval_seconds"] = time.time() - start
+    metrics.log({"split": cfg.data.val_split, **result}, state)
+    if evaluator.accelerator.is_main_process:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+        tqdm.write(f"step {state.step} epoch {state.epoch} | {shown}")
+        for s in samples[: cfg.eval.print_samples]:
+            tqdm.write(f"  {s['image_id']}: {s['caption']!r}  (reference: {s['reference']!r})")
+    return result
+
+
+def best_score(scores: dict, cfg: Config) -> tuple[str, float, bool] | None:
+    metric = cfg.checkpoint.best_metric
+    value = scores.get(metric)
+    return None if value is None else (metric, value, metric != "val_loss")
+
+
+class MetricsLog:
+    """runs/<name>/metrics.jsonl (one JSON object per line) and TensorBoard, from the main process.
+
+    Training values are averaged over the steps since the last log line and over all processes."""
+
+    def __init__(self, cfg: Config, acc: Accelerator):
+        self.acc, self.path = acc, cfg.run_dir / "metrics.jsonl"
+        if acc.is_main_process:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, cfg.run_dir / "config.yaml")
+            print("resolved config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
+        acc.init_trackers("tensorboard", config=_flat(to_dict(cfg)))
+        self._reset()
+
+    def _reset(self):
+        self.sums = torch.zeros(4, dtype=torch.float64)  # xent, grad norm, images, skipped
+        self.steps, self.start = 0, time.time()
+
+    def update(self, step_metrics: dict, micro_batches: list[dict]) -> None:
+        self.sums += torch.tensor([step_metrics["xent"].item(), float(step_metrics["grad_norm"]),
+                                   sum(len(b["captions"]) for b in micro_batches),
+                                   sum(b["skipped"] for b in micro_batches)], dtype=torch.float64)
+        self.steps += 1
+
+    def log_train(self, state: TrainState, lr: float) -> dict:
+        totals = self.acc.reduce(self.sums.to(self.acc.device), reduction="sum").cpu()
+        seconds = time.time() - self.start
+        values = {"train_loss": totals[0].item() / (self.steps * self.acc.num_processes),
+                  "grad_norm": totals[1].item() / (self.steps * self.acc.num_processes),
+                  "lr": lr, "images_per_s": totals[2].item() / seconds, "skipped_samples": int(totals[3])}
+        self.log(values, state)
+        self._reset()
+        return {"loss": f"{values['train_loss']:.3f}", "lr": f"{lr:.2e}", "img/s": f"{values['images_per_s']:.0f}"}
+
+    def log(self, values: dict, state: TrainState) -> None:
+        if not self.acc.is_main_process:
+            return
+        record = {"step": state.step, "epoch": state.epoch, **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.acc.log({k: v for k, v in values.items() if isinstance(v, (int, float)) and v is not None},
+                     step=state.step)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,39 @@
+"""Launched by test_ddp.py under `accelerate launch --multi_gpu --num_processes 2`: one epoch of real DDP
+training steps with imcap's own pieces, then each rank writes what it saw to OUT/rank<r>.json."""
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from imcap.config import load_config
+from imcap.data.dataset import prepare_data
+from imcap.data.pipeline import batches_per_epoch
+from imcap.model import Captioner
+from imcap.train import make_accelerator, make_optimizer, make_scheduler, train_step
+
+if __name__ == "__main__":
+    out, overrides = Path(sys.argv[1]), sys.argv[2:]
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml", overrides)
+    acc = make_accelerator(cfg)
+    set_seed(cfg.train.seed)
+    data = prepare_data(cfg, acc)
+    model = Captioner(cfg.model, len(data.vocab))
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, 1, 100)
+    model, optimizer = acc.prepare(model, optimizer)
+    num_batches = batches_per_epoch(data.num_train_samples, cfg.data.batch_size, acc.num_processes, 1)
+    seen, batches = [], 0
+    for batch in data.train_loader(epoch=0, skip=0, num_batches=num_batches, rank=acc.process_index,
+                                   world_size=acc.num_processes):
+        train_step(model, optimizer, scheduler, [batch], data.vocab.pad, cfg, acc)
+        seen += batch["image_ids"]
+        batches += 1
+    params = torch.cat([p.detach().flatten() for p in acc.unwrap_model(model).parameters()])
+    (out / f"rank{acc.process_index}.json").write_text(json.dumps({
+        "world_size": acc.num_processes, "backend": str(torch.distributed.get_backend()) if acc.num_processes > 1 else None,
+        "seen": seen, "batches": batches, "steps": scheduler.last_epoch,
+        "params": hashlib.sha256(params.numpy().tobytes()).hexdigest(),
+    }))

@@ -1,0 +1,55 @@
+import pytest
+
+from imcap.config import ConfigError, load_config
+
+
+def test_yaml_and_dotted_overrides_resolve_to_typed_values(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("train:\n  lr: 3e-4\n  epochs: 2\ndata:\n  batch_size: 16\n")
+    cfg = load_config(path, ["train.epochs=5", "model.encoder.train_layer4=true", "train.layer4_lr=1e-5"])
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.epochs == 5 and cfg.data.batch_size == 16
+    assert cfg.model.encoder.train_layer4 is True and cfg.train.layer4_lr == pytest.approx(1e-5)
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.learning_rate=1e-3"], "unknown config key train.learning_rate; allowed keys in train: epochs, lr"),
+    (["dat.batch_size=3"], "unknown config key dat"),
+    (["data.batch_size=big"], "data.batch_size must be an integer; got 'big'"),
+    (["data.batch_size=2.5"], "data.batch_size must be an integer"),
+    (["model.encoder.train_layer4=yes please"], "model.encoder.train_layer4 must be true or false"),
+    (["train.mixed_precision=fp8"], "train.mixed_precision must be one of no, bf16, fp16; got 'fp8'"),
+    (["data.batch_size"], "is not of the form key=value"),
+    (["data=3"], "data must be a mapping"),
+    (["data.feature_cache=true", "data.train_crop=random"], "data.feature_cache needs data.train_crop=center"),
+    (["checkpoint.best_metric=spice"], "checkpoint.best_metric must be one of"),
+])
+def test_bad_keys_and_values_are_errors_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, override)
+    assert message in str(error.value)
+
+
+def test_unknown_key_in_a_yaml_file_is_an_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  decoder:\n    hidden: 12\n")
+    with pytest.raises(ConfigError, match="unknown config key model.decoder.hidden"):
+        load_config(path)
+
+
+def test_missing_or_invalid_yaml_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config(bad)

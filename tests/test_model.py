@@ -1,0 +1,150 @@
+"""The model's contract: shapes, what trains and what stays frozen, weights loading, and that it learns."""
+import pytest
+import torch
+import torchvision
+
+from imcap.config import load_config
+from imcap.model import Captioner, caption_loss
+from imcap.model.encoder import EncoderCNN, WeightsError, estimate_feature_stats, load_resnet50
+from imcap.train import make_optimizer
+
+SMALL = ["model.encoder.weights=none", "model.decoder.embed_dim=16", "model.decoder.hidden_dim=32",
+         "model.decoder.attention_dim=16"]
+
+
+def small_model(*overrides, vocab_size=12):
+    cfg = load_config(None, [*SMALL, *overrides])
+    return Captioner(cfg.model, vocab_size), cfg
+
+
+def random_batch(batch=2, k=2, length=7, vocab_size=12, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
+    captions = torch.randint(4, vocab_size, (batch, k, length), generator=g)
+    captions[:, :, 0] = 1  # <start>
+    captions[:, :, -1] = 2  # <end>
+    captions[0, 0, 4:] = 0  # one shorter caption: <end> then <pad>
+    captions[0, 0, 3] = 2
+    return images, captions
+
+
+def test_encoder_turns_224px_images_into_49_regions_of_2048_features():
+    encoder = EncoderCNN(weights="none").eval()
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    assert encoder(images).shape == (2, 49, 2048)
+
+
+def test_frozen_encoder_gets_no_gradient_and_keeps_batchnorm_in_eval_mode():
+    model, cfg = small_model()
+    model.train()
+    images, captions = random_batch()
+    logits, alphas = model(captions, images=images)
+    caption_loss(logits, alphas, captions, 0, 1.0)[0].backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.encoder.parameters())
+    assert all(p.grad is not None for p in model.decoder.parameters())
+    norms = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    assert [g["name"] for g in make_optimizer(model, cfg).param_groups] == ["decoder"]
+
+
+def test_train_layer4_trains_exactly_layer4_with_its_own_learning_rate():
+    model, cfg = small_model("model.encoder.train_layer4=true", "train.lr=1e-3", "train.layer4_lr=1e-5")
+    model.train()
+    trainable = {n for n, p in model.encoder.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.encoder.named_parameters() if n.startswith("cnn.7.")}  # cnn.7 is layer4
+    images, captions = random_batch()
+    logits, alphas = model(captions, images=images)
+    caption_loss(logits, alphas, captions, 0, 1.0)[0].backward()
+    with_grad = {n for n, p in model.encoder.named_parameters() if p.grad is not None}
+    assert with_grad == trainable
+    groups = {g["name"]: g for g in make_optimizer(model, cfg).param_groups}
+    assert groups["layer4"]["lr"] == pytest.approx(1e-5) and groups["decoder"]["lr"] == pytest.approx(1e-3)
+    assert {id(p) for p in groups["layer4"]["params"]} == {id(p) for p in model.encoder.layer4.parameters()}
+    assert model.encoder.layer4.training and not model.encoder.cnn[0].training  # layer4's BatchNorm trains
+
+
+def test_loss_falls_when_trained_on_one_batch():
+    torch.manual_seed(0)
+    model, cfg = small_model("model.decoder.dropout=0.0", "model.decoder.hidden_dim=64", "model.decoder.embed_dim=32")
+    images, captions = random_batch(batch=4, k=1)
+    estimate_feature_stats(model.encoder, [{"images": images}])  # untrained features saturate the decoder
+    optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        logits, alphas = model(captions, images=images)
+        loss, xent = caption_loss(logits, alphas, captions, 0, 1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(xent.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_loss_ignores_padding_and_attention_after_the_end():
+    model, _ = small_model()
+    images, captions = random_batch()
+    logits, alphas = model(captions, images=images)
+    assert logits.shape == (4, 6, 12) and alphas.shape == (4, 6, 4)
+    assert torch.all(alphas[0, 3:] == 0)  # the short caption ends after 3 targets
+    assert torch.allclose(alphas[1].sum(dim=1), torch.ones(6))
+    changed = logits.detach().clone()
+    changed[0, 3:] = 100.0  # logits at padded positions do not count
+    assert caption_loss(changed, alphas, captions, 0, 1.0)[0].item() == pytest.approx(caption_loss(logits, alphas, captions, 0, 1.0)[0].item())
+
+
+def test_k_captions_share_one_encoding_and_match_one_caption_per_sample():
+    torch.manual_seed(0)
+    model, _ = small_model("model.decoder.dropout=0.0")
+    images, captions = random_batch(batch=2, k=3)
+    grouped, _ = model(captions, images=images)
+    one_by_one = torch.cat([model(captions[:, j : j + 1], images=images)[0] for j in range(3)])
+    order = torch.arange(6).view(2, 3).t().reshape(-1)  # (caption j of image i) at row i*3 + j
+    assert torch.allclose(grouped, one_by_one[order.argsort()], atol=1e-5)
+
+
+def test_local_state_dict_weights_are_loaded(tmp_path):
+    reference = torchvision.models.resnet50()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, tmp_path / "r50.pt")
+    loaded = load_resnet50(str(tmp_path / "r50.pt"))
+    assert torch.equal(loaded.conv1.weight, reference.conv1.weight)
+
+
+def test_a_file_that_is_not_a_resnet50_is_refused_by_name(tmp_path):
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(WeightsError, match="other.pt is not a ResNet-50 state dict"):
+        load_resnet50(str(tmp_path / "other.pt"))
+    with pytest.raises(WeightsError, match="missing.pt does not exist"):
+        load_resnet50(str(tmp_path / "missing.pt"))
+
+
+def test_imagenet_weights_load_from_the_torch_home_cache_without_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # any download attempt fails at once
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    name = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url.rsplit("/", 1)[1]
+    reference = torchvision.models.resnet50()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(reference.state_dict(), tmp_path / "hub" / "checkpoints" / name)
+    assert torch.equal(load_resnet50("imagenet").fc.weight, reference.fc.weight)
+
+
+def test_imagenet_weights_offline_and_not_cached_name_the_file_to_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    with pytest.raises(WeightsError) as error:
+        load_resnet50("imagenet")
+    expected = tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
+    assert f"Place that file at {expected}" in str(error.value)
+
+
+def test_feature_standardisation_gives_each_channel_zero_mean_and_unit_std():
+    torch.manual_seed(0)
+    encoder = EncoderCNN(weights="none").eval()
+    images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
+    assert encoder(images).abs().max() > 10  # untrained features grow stage by stage
+    assert estimate_feature_stats(encoder, [{"images": images[:8]}, {"images": images[8:]}]) == 16
+    features = encoder(images)  # (16, 4, 2048)
+    live = encoder.feature_std > 1e-3
+    assert torch.allclose(features.mean(dim=(0, 1))[live], torch.zeros(int(live.sum())), atol=1e-3)
+    assert torch.allclose(features.std(dim=(0, 1), unbiased=False)[live], torch.ones(int(live.sum())), atol=1e-3)

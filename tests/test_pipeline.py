@@ -1,0 +1,168 @@
+"""The WebDataset pipeline on real tars: decoding, skipping bad samples, equal epochs, exact coverage."""
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imcap.config import load_config
+from imcap.data.pipeline import (Collate, DataError, count_samples, decode_image, eval_loader, list_shards,
+                                 split_captions, train_loader)
+from imcap.data.shards import ShardWriter
+from imcap.model import Captioner, caption_loss
+from imcap.text import Vocabulary
+
+
+def image_bytes(image: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def sample(key: str, data: bytes, ext: str, captions=("a thing",)) -> dict:
+    return {"__key__": key, ext: data, "json": json.dumps({"captions": list(captions), "image_id": key}).encode()}
+
+
+def stream_ids(shards, collate, **kw) -> list[list[str]]:
+    return [batch["image_ids"] for batch in train_loader(shards, collate, **kw)]
+
+
+def demo_collate(shards_dir: Path, k: int = 1) -> Collate:
+    return Collate(Vocabulary.load(shards_dir / "vocab.json"), 30, k)
+
+
+TRAIN = dict(epoch=0, seed=0, batch_size=4, image_size=64, random_crop=True, shuffle_buffer=16)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "RGB"])
+def test_every_image_mode_decodes_to_rgb(mode):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    if mode == "I;16":
+        image = Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100)  # 16-bit grayscale
+    elif mode == "P":
+        image = rgb.quantize(16)
+    else:
+        image = rgb.convert(mode)
+    fmt = "JPEG" if mode in ("CMYK", "L") else "PNG"
+    decoded = decode_image(image_bytes(image, fmt), 64)
+    assert decoded.mode == "RGB" and decoded.size == (30, 20)
+    if mode == "I;16":  # scaled, not clipped to white
+        assert 0 < np.asarray(decoded).mean() < 250
+
+
+def test_transparent_pixels_become_white_not_black():
+    image = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert np.asarray(decode_image(image_bytes(image, "PNG"), 8)).min() == 255
+
+
+def test_real_photos_go_through_the_pipeline_and_the_model(shared_data, tmp_path):
+    photos = sorted((shared_data / "photos").iterdir())
+    modes = set()
+    with ShardWriter(tmp_path, "train", max_samples=100) as writer:
+        for path in photos:
+            modes.add(Image.open(path).mode)
+            ext = "png" if path.suffix.lower() == ".png" else "jpg"
+            writer.write(sample(path.stem, path.read_bytes(), ext, [f"a photo of {path.stem}"]))
+    assert {"L", "RGB"} <= modes  # grayscale and colour photos
+    vocab = Vocabulary.build([f"a photo of {p.stem}" for p in photos], 1)
+    loader = eval_loader(list_shards(str(tmp_path), "train"), Collate(vocab, 10, 1), rank=0, world_size=1,
+                         batch_size=len(photos), image_size=224, max_images=0, num_workers=0)
+    batch = next(iter(loader))
+    assert batch["images"].shape == (len(photos), 3, 224, 224) and batch["skipped"] == 0
+    model = Captioner(load_config(None, ["model.encoder.weights=none"]).model, len(vocab))
+    logits, alphas = model(batch["captions"], images=batch["images"])
+    assert alphas.shape[-1] == 49 and torch.isfinite(caption_loss(logits, alphas, batch["captions"], 0, 1.0)[0])
+
+
+def test_corrupt_and_captionless_samples_are_skipped_and_counted(tmp_path):
+    good = image_bytes(Image.new("RGB", (32, 32), "red"), "PNG")
+    with ShardWriter(tmp_path, "train", max_samples=100) as writer:
+        writer.write(sample("good1", good, "png"))
+        writer.write(sample("corrupt", b"\x89PNG\r\n\x1a\n not really", "png"))
+        writer.write(sample("truncated", good[: len(good) // 2], "png"))
+        writer.write(sample("empty", b"", "jpg"))
+        writer.write(sample("nocaption", good, "png", captions=["  "]))
+        writer.write({"__key__": "noimage", "txt": b"a caption"})
+        writer.write(sample("good2", good, "png"))
+    vocab = Vocabulary.build(["a thing"], 1)
+    batches = list(eval_loader(list_shards(str(tmp_path), "train"), Collate(vocab, 5, 1), rank=0, world_size=1,
+                               batch_size=10, image_size=32, max_images=0, num_workers=0))
+    assert [b["image_ids"] for b in batches] == [["good1", "good2"]]
+    assert batches[0]["skipped"] == 5
+
+
+def test_captions_come_from_json_or_txt(tmp_path):
+    png = image_bytes(Image.new("RGB", (8, 8)), "PNG")
+    with ShardWriter(tmp_path, "train", max_samples=10) as writer:
+        writer.write({"__key__": "a", "png": png, "txt": b"from the txt"})
+        writer.write({"__key__": "b", "png": png, "json": b'{"caption": "from img2dataset json"}'})
+    assert sorted(split_captions(list_shards(str(tmp_path), "train"))) == ["from img2dataset json", "from the txt"]
+
+
+def test_every_rank_and_worker_yields_the_computed_number_of_batches(demo_shards):
+    shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards)
+    assert count_samples(shards) == 96
+    seen = {}
+    for rank in range(2):
+        batches = stream_ids(shards, collate, rank=rank, world_size=2, num_batches=7, skip=0, num_workers=2, **TRAIN)
+        assert len(batches) == 7 and all(len(b) == 4 for b in batches)
+        seen[rank] = [i for b in batches for i in b]
+    assert not set(seen[0]) & set(seen[1])  # ranks read disjoint shards
+    assert len(set(seen[0])) == len(seen[0])
+
+
+def test_a_worker_with_too_few_samples_reads_its_shards_again(demo_shards):
+    shards, collate = list_shards(str(demo_shards), "train")[:2], demo_collate(demo_shards)  # 24 samples
+    batches = stream_ids(shards, collate, rank=0, world_size=1, num_batches=9, skip=0, num_workers=0, **TRAIN)
+    assert len(batches) == 9 and max(Counter(i for b in batches for i in b).values()) == 2
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only(demo_shards):
+    shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards)
+    kw = {**TRAIN, "rank": 0, "world_size": 1, "num_batches": 6, "skip": 0}
+    first = stream_ids(shards, collate, num_workers=2, **kw)
+    assert first == stream_ids(shards, collate, num_workers=2, **kw)
+    assert first != stream_ids(shards, collate, num_workers=2, **{**kw, "epoch": 1})
+
+
+@pytest.mark.parametrize("workers, skip", [(0, 5), (2, 3), (2, 4)])
+def test_resuming_inside_an_epoch_yields_exactly_the_batches_not_yet_seen(demo_shards, workers, skip):
+    shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards, k=2)
+    kw = {**TRAIN, "rank": 1, "world_size": 2, "num_batches": 9, "num_workers": workers}
+    full = list(train_loader(shards, collate, skip=0, **kw))
+    resumed = list(train_loader(shards, collate, skip=skip, **kw))
+    assert [b["image_ids"] for b in resumed] == [b["image_ids"] for b in full[skip:]]
+    for a, b in zip(resumed, full[skip:]):  # the same crops and the same chosen captions
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["captions"], b["captions"])
+
+
+def test_too_few_shards_for_processes_times_workers_is_an_error_saying_how_to_fix_it(demo_shards):
+    shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards)
+    with pytest.raises(DataError, match="8 training shards cannot feed 2 processes x 5 data workers.*num_workers to 4"):
+        train_loader(shards, collate, rank=0, world_size=2, num_batches=1, skip=0, num_workers=5, **TRAIN)
+
+
+@pytest.mark.parametrize("world, workers", [(1, 0), (2, 1), (3, 2)])
+def test_evaluation_covers_the_split_exactly_once_across_ranks_and_workers(demo_shards, world, workers):
+    shards, collate = list_shards(str(demo_shards), "val"), demo_collate(demo_shards)
+    ids = [i for rank in range(world)
+           for b in eval_loader(shards, collate, rank=rank, world_size=world, batch_size=5, image_size=64,
+                                max_images=0, num_workers=workers) for i in b["image_ids"]]
+    assert sorted(ids) == sorted(f"val_{i:06d}" for i in range(32))
+
+
+def test_missing_shards_and_sizes_are_errors_naming_the_place(tmp_path, demo_shards):
+    with pytest.raises(DataError, match=f"no shards for split 'train' at {tmp_path}"):
+        list_shards(str(tmp_path), "train")
+    (tmp_path / "train-000000.tar").write_bytes((demo_shards / "train-000000.tar").read_bytes())
+    with pytest.raises(DataError, match="sizes.json has no sample count for train-000000.tar"):
+        count_samples(list_shards(str(tmp_path), "train"))
+
+
+def test_brace_patterns_select_shards(demo_shards):
+    shards = list_shards(f"{demo_shards}/train-{{000000..000002}}.tar", "train")
+    assert [Path(s).name for s in shards] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
