@@ -210,15 +210,20 @@ def check_compatible(checkpoint: Path, model, vocab: Vocabulary) -> None:
 
 
 def load_checkpoint(checkpoint: Path, model, optimizer, scheduler, accelerator) -> TrainState:
-    """Restore model, optimizer, scheduler, this rank's RNG state and the data position."""
-    model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    """Restore model, optimizer, scheduler, this rank's RNG state and the data position.
+
+    Every file is read (safely) before anything is restored, so a bad checkpoint changes nothing."""
     saved = safe_torch_load(checkpoint / "optimizer.pt")
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    weights = load_file(checkpoint / "model.safetensors")
     meta = json.loads((checkpoint / STATE).read_text())
     rng_file = checkpoint / f"rng-rank{accelerator.process_index}.pt"
-    if meta["world_size"] == accelerator.num_processes and rng_file.exists():
-        _set_rng_state(safe_torch_load(rng_file))
+    same_world = meta["world_size"] == accelerator.num_processes and rng_file.exists()
+    rng = safe_torch_load(rng_file) if same_world else None
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if rng is not None:  # with another world size the data order changes anyway; keep the fresh seeds
+        _set_rng_state(rng)
     return TrainState(meta["step"], meta["epoch"], meta["batches_in_epoch"])
 
 

@@ -30,11 +30,12 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235),
 KINDS = ("square", "bar", "pillar")  # a square, a wide and a tall rectangle
 PLACES = ("at the top left", "at the top right", "at the bottom left", "at the bottom right")  # reading order
 TRAIN_IMAGES, VAL_IMAGES, IMAGE_SIZE, SHARD_SAMPLES = 5000, 500, 64, 625
+MAX_SHAPES = 2
 
 
 def random_scene(rng: random.Random) -> tuple:
-    """A scene: for each cell (reading order) None or (size, colour, kind); one to three shapes."""
-    cells = rng.sample(range(len(PLACES)), rng.randint(1, 3))
+    """A scene: for each cell (reading order) None or (size, colour, kind); one or two shapes."""
+    cells = rng.sample(range(len(PLACES)), rng.randint(1, MAX_SHAPES))
     return tuple((rng.choice(SIZES), rng.choice(list(COLOURS)), rng.choice(KINDS)) if cell in cells else None
                  for cell in range(len(PLACES)))
 

@@ -312,6 +312,13 @@ class EvalStream(IterableDataset):
                             self.batch_size, counter, None)
 
 
+def _quiet_generator() -> torch.Generator:
+    """A DataLoader draws its workers' base seed from this generator, not from torch's global one, so
+    making a loader (at an epoch start, or on resume mid-epoch) leaves the training RNG untouched.
+    imcap's own streams seed themselves from (seed, epoch, rank, worker)."""
+    return torch.Generator().manual_seed(0)
+
+
 def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, grad_accum_steps: int) -> int:
     """Batches each rank trains on per epoch: whole optimizer steps over the samples, no sample counted twice."""
     steps = num_samples // (batch_size * world_size * grad_accum_steps)
@@ -332,13 +339,14 @@ def train_loader(shards: list[str], collate: Collate, *, rank: int, world_size: 
     stream = TrainStream(shards, collate, rank, world_size, epoch, seed, num_batches, skip, batch_size,
                          image_size, random_crop, shuffle_buffer)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=4 if num_workers else None)
+                      prefetch_factor=4 if num_workers else None, generator=_quiet_generator())
 
 
 def eval_loader(shards: list[str], collate: Collate, *, rank: int, world_size: int, batch_size: int,
                 image_size: int, max_images: int, num_workers: int) -> DataLoader:
     stream = EvalStream(shards, collate, rank, world_size, batch_size, image_size, max_images)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      generator=_quiet_generator())
 
 
 def split_captions(shards: list[str]) -> list[str]:

@@ -1,0 +1,216 @@
+"""Checkpoints: atomic saves, latest and best, exact resume after kill -9, preemption signals, safety."""
+import json
+import os
+import pickle
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_env, tiny_overrides
+from imcap.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, resolve_resume,
+                              safe_torch_load)
+from imcap.config import ConfigError, load_config
+from imcap.distributed import EXIT_PREEMPTED
+from imcap.train import train
+
+TRAIN = [sys.executable, "launch/train.py", "--config", "configs/demo.yaml"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(overrides: list[str], world: int = 2, log: Path | None = None) -> list[subprocess.Popen]:
+    """`world` plain python processes forming one gloo group, as torchrun would start them."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        env = {**run_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
+        out = open(f"{log}.rank{rank}", "a") if log else subprocess.DEVNULL
+        procs.append(subprocess.Popen([*TRAIN, *overrides], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    return procs
+
+
+def wait_all(procs, timeout=300) -> list[int]:
+    return [p.wait(timeout=timeout) for p in procs]
+
+
+def logged_steps(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if '"train_loss"' in line]
+
+
+def wait_for(condition, procs, timeout=300, poll=0.05):
+    deadline = time.time() + timeout
+    while not condition():
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError("training ended before the test could interrupt it")
+        if time.time() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(poll)
+
+
+def kill_9(procs):
+    for p in procs:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+def exact_overrides(shards, runs, *extra):
+    """Two epochs of 6 steps on 2 processes, dropout on (RNG matters), data workers (resume must skip right)."""
+    return tiny_overrides(shards, runs, "train.cpu=true", "train.epochs=2", "train.log_every=1",
+                          "checkpoint.every_steps=2", "data.num_workers=2", "model.decoder.dropout=0.3",
+                          "eval.max_images=8", *extra)
+
+
+def test_kill_9_at_a_random_step_then_resume_gives_bitwise_the_weights_of_an_uninterrupted_run(demo_shards, tmp_path):
+    reference = exact_overrides(demo_shards, tmp_path, "run_name=reference")
+    assert wait_all(start_ranks(reference)) == [0, 0]
+    interrupted = exact_overrides(demo_shards, tmp_path, "run_name=interrupted")
+    run = tmp_path / "interrupted"
+    kill_at = random.Random().randint(3, 10)  # a different step each run, printed on failure
+    procs = start_ranks(interrupted, log=tmp_path / "log")
+    wait_for(lambda: any(r["step"] >= kill_at for r in logged_steps(run)), procs)
+    kill_9(procs)
+    resumed_from = latest_checkpoint(run)
+    logged_before = len(logged_steps(run))
+    assert wait_all(start_ranks(interrupted, log=tmp_path / "log")) == [0, 0], (tmp_path / "log.rank0").read_text()[-3000:]
+
+    final_ref = load_file(tmp_path / "reference" / "checkpoints" / "step-000012" / "model.safetensors")
+    final = load_file(run / "checkpoints" / "step-000012" / "model.safetensors")
+    assert final.keys() == final_ref.keys()
+    assert all(torch.equal(final[k], final_ref[k]) for k in final), f"killed at step {kill_at}"
+    expected = {r["step"]: r for r in logged_steps(tmp_path / "reference")}
+    after_resume = logged_steps(run)[logged_before:]
+    first = 0 if resumed_from is None else json.loads((resumed_from / "state.json").read_text())["step"]
+    assert [r["step"] for r in after_resume] == list(range(first + 1, 13))
+    for r in after_resume:
+        assert r["lr"] == expected[r["step"]]["lr"] and r["epoch"] == expected[r["step"]]["epoch"]
+        assert r["train_loss"] == expected[r["step"]]["train_loss"]  # same samples, same dropout
+
+
+def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint_as_latest(demo_shards, tmp_path):
+    overrides = tiny_overrides(demo_shards, tmp_path, "train.epochs=3", "checkpoint.every_steps=1")
+    checkpoints = tmp_path / "tiny" / "checkpoints"
+    for attempt in range(5):  # the kill must land inside a save; saves are most of each step here
+        proc = subprocess.Popen([*TRAIN, *overrides], cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(lambda: latest_checkpoint(tmp_path / "tiny") is not None and any(checkpoints.glob(".tmp-*/model.safetensors")),
+                 [proc], poll=0.002)
+        kill_9([proc])
+        partial = sorted(checkpoints.glob(".tmp-*"))
+        if partial:
+            break
+    assert partial, "no kill landed inside a save"
+    latest = latest_checkpoint(tmp_path / "tiny")
+    assert (checkpoints / "latest").read_text() == latest.name
+    assert (latest / "state.json").exists() and latest.name < partial[0].name.removeprefix(".tmp-")
+    assert resolve_resume("auto", tmp_path / "tiny") == latest
+    train(load_config(ROOT / "configs" / "demo.yaml", overrides))  # resumes from latest and finishes
+    assert not list(checkpoints.glob(".tmp-*"))
+    assert json.loads((latest_checkpoint(tmp_path / "tiny") / "state.json").read_text())["step"] == 18
+
+
+def test_sigusr1_to_one_rank_makes_both_save_the_same_step_and_exit_75_then_auto_resume_finishes(demo_shards, tmp_path):
+    overrides = tiny_overrides(demo_shards, tmp_path, "train.cpu=true", "train.epochs=4", "train.log_every=1")
+    run = tmp_path / "tiny"
+    procs = start_ranks(overrides, log=tmp_path / "log")
+    wait_for(lambda: any(r["step"] >= 3 for r in logged_steps(run)), procs)
+    procs[1].send_signal(signal.SIGUSR1)
+    assert wait_all(procs) == [EXIT_PREEMPTED, EXIT_PREEMPTED]
+    saved = latest_checkpoint(run)
+    step = json.loads((saved / "state.json").read_text())["step"]
+    assert 3 <= step < 24 and {p.name for p in saved.glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
+    assert f"stopped by SIGUSR1 at step {step}" in (tmp_path / "log.rank0").read_text() + (tmp_path / "log.rank1").read_text()
+    assert wait_all(start_ranks(overrides, log=tmp_path / "log")) == [0, 0]
+    assert [r["step"] for r in logged_steps(run)] == list(range(1, 25))  # every step once, none twice
+
+
+@pytest.fixture(scope="module")
+def trained_run(demo_shards, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    train(load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(demo_shards, runs)))
+    return runs, demo_shards
+
+
+def test_resuming_into_another_model_size_is_refused_saying_what_differs(trained_run):
+    runs, shards = trained_run
+    cfg = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(shards, runs, "model.decoder.hidden_dim=48"))
+    with pytest.raises(CheckpointError, match=r"does not match the configured model: decoder\.\S+: checkpoint \(.*32.*\), config \(.*48"):
+        train(cfg)
+
+
+def test_resuming_with_another_vocabulary_is_refused_naming_the_words(trained_run, tmp_path):
+    runs, shards = trained_run
+    changed = tmp_path / "shards"
+    changed.mkdir()
+    for f in shards.iterdir():
+        (changed / f.name).symlink_to(f)
+    (changed / "vocab.json").unlink()
+    vocab = json.loads((shards / "vocab.json").read_text())
+    vocab["words"] = [w for w in vocab["words"] if w != "purple"] + ["zebra"]
+    (changed / "vocab.json").write_text(json.dumps(vocab))
+    cfg = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(changed, runs))
+    with pytest.raises(CheckpointError, match=r"vocabulary .* differs .* new words \['zebra'\], missing words \['purple'\]"):
+        train(cfg)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path("/tmp/imcap-pickle-ran")
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused_and_its_code_never_runs(trained_run, tmp_path):
+    runs, _ = trained_run
+    MARKER.unlink(missing_ok=True)
+    evil = tmp_path / "optimizer.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"optimizer": RunsCode()}, f)
+    with pytest.raises(CheckpointError, match="optimizer.pt was not loaded: it holds something other than tensors"):
+        safe_torch_load(evil)
+    checkpoint = latest_checkpoint(runs / "tiny")
+    tampered = tmp_path / checkpoint.name
+    tampered.mkdir()
+    for f in checkpoint.iterdir():
+        (tampered / f.name).write_bytes(f.read_bytes())
+    (tampered / "optimizer.pt").write_bytes(evil.read_bytes())
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tampered, torch.nn.Linear(1, 1), None, None, None)
+    assert not MARKER.exists()
+
+
+def test_a_config_with_python_objects_is_refused_and_runs_nothing(tmp_path):
+    MARKER.unlink(missing_ok=True)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"run_name: !!python/object/apply:os.system ['touch {MARKER}']\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config(bad)
+    assert not MARKER.exists()
+
+
+def test_resume_resolution(tmp_path, trained_run):
+    runs, _ = trained_run
+    assert resolve_resume("none", runs / "tiny") is None
+    assert resolve_resume("auto", tmp_path) is None  # nothing yet: a fresh start
+    with pytest.raises(CheckpointError, match="resume=latest, but .* holds no complete checkpoint"):
+        resolve_resume("latest", tmp_path)
+    latest = latest_checkpoint(runs / "tiny")
+    assert resolve_resume("latest", runs / "tiny") == latest == resolve_resume(str(runs / "tiny"), tmp_path)
+    assert resolve_resume(str(latest), tmp_path) == latest
+    with pytest.raises(CheckpointError, match="not a complete checkpoint directory"):
+        resolve_resume(str(tmp_path), tmp_path)
