@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from imcap.config import ConfigError, load_config
 
@@ -20,6 +21,27 @@ def cmd_demo(args) -> None:
     print(f"demo shards in {out}")
 
 
+def cmd_eval(args) -> None:
+    from imcap.evaluation import evaluate_model
+
+    scores = evaluate_model(args.model, args.split, args.out, beam_size=args.beam_size, max_images=args.max_images,
+                            shards=args.shards, batch_size=args.batch_size, cpu=args.cpu)
+    print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
+
+
+def cmd_caption(args) -> None:
+    from imcap.caption import caption_files
+
+    for path, caption in caption_files(args.model, args.images, args.beam_size, args.attention_maps):
+        print(f"{path}: {caption}")
+
+
+def cmd_export(args) -> None:
+    from imcap.checkpoint import export
+
+    print(f"exported to {export(args.run, args.out)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imcap", description="Train and use Show, Attend and Tell captioners.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,7 +57,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-images", type=int, default=500)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("eval", help="score a run, checkpoint or export directory on a split")
+    p.add_argument("model", help="a run directory (its best checkpoint), a checkpoint or an export directory")
+    p.add_argument("--split", default="val")
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--out", default=None, help="where captions.json and scores.json go (default: MODEL/eval-SPLIT)")
+    p.add_argument("--shards", default=None, help="read the split from these shards instead of the model's")
+    p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("caption", help="caption image files and directories")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", required=True, help="a run, checkpoint or export directory")
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--attention-maps", default=None, metavar="DIR", help="write one PNG per image here")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("export", help="weights (safetensors), vocabulary and config for inference")
+    p.add_argument("run", help="a run directory (its best checkpoint) or a checkpoint directory")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+
     args = parser.parse_args(argv)
+    if getattr(args, "out", "") is None:
+        args.out = str(Path(args.model) / f"eval-{args.split}")
     try:
         args.func(args)
     except ConfigError as e:

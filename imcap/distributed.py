@@ -41,9 +41,11 @@ class StopFlag:
     def _handle(self, signum, _frame):
         self.received = self.received or signal.Signals(signum).name
 
-    def agreed(self, accelerator) -> bool:
-        """True on every rank if any rank received a signal (an all-reduce, so call it on all ranks)."""
-        if accelerator.num_processes == 1:
-            return self.received is not None
-        flag = torch.tensor([self.received is not None], dtype=torch.int32, device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item())
+    def agreed(self, accelerator) -> str | None:
+        """On every rank, the name of a signal any rank received, else None (an all-reduce: call it on all ranks)."""
+        number = signal.Signals[self.received].value if self.received else 0
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([number], dtype=torch.int64, device=accelerator.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            number = int(flag.item())
+        return signal.Signals(number).name if number else None

@@ -6,6 +6,9 @@ so ranks with unequal shares cannot hang.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from accelerate import Accelerator
 
@@ -36,17 +39,17 @@ class Evaluator:
         loader = eval_loader(self.shards, self.collate, rank=acc.process_index, world_size=acc.num_processes,
                              batch_size=self.batch_size, image_size=self.image_size, max_images=self.max_images,
                              num_workers=self.num_workers)
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=acc.device)  # (sum of losses, images)
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=acc.device)  # (summed token cross-entropy, tokens)
         results, skipped = [], 0
         for batch in loader:
             inputs = model_inputs(batch, acc.device)
             captions = batch["captions"].to(acc.device)
             with acc.autocast():
                 logits, alphas = model(captions, **inputs)
-                loss, _ = caption_loss(logits, alphas, captions, self.vocab.pad, self.alpha_c)
+                _, xent = caption_loss(logits, alphas, captions, self.vocab.pad, self.alpha_c)
                 decoded = decode(model, self.vocab.start, self.vocab.end, self.max_length, **self.beam, **inputs)
-            loss_sum += torch.tensor([loss.item() * len(captions), len(captions)], dtype=torch.float64,
-                                     device=acc.device)
+            tokens = (captions[:, :, 1:] != self.vocab.pad).sum().item()
+            loss_sum += torch.tensor([xent.item() * tokens, tokens], dtype=torch.float64, device=acc.device)
             skipped += batch["skipped"]
             results += [(i, self.vocab.decode(t), refs)
                         for i, t, refs in zip(batch["image_ids"], decoded.tokens, batch["references"])]
@@ -69,3 +72,30 @@ class Evaluator:
             **(scores or {}),
             "samples": [{"image_id": i, "caption": c, "reference": refs[0]} for i, c, refs in results],
         }
+
+
+def evaluate_model(path: str, split: str, out_dir: str, *, beam_size: int = 3, max_images: int = 0,
+                   shards: str | None = None, batch_size: int = 64, cpu: bool = False) -> dict:
+    """`imcap eval`: score a run, checkpoint or export directory on a split of its shards (or others).
+
+    Writes out_dir/captions.json in the COCO results format ([{"image_id", "caption"}]) and
+    out_dir/scores.json; every process decodes its share, the main process writes."""
+    from imcap.checkpoint import load_for_inference
+    from imcap.data.pipeline import list_shards
+
+    acc = Accelerator(cpu=cpu)
+    model, vocab, cfg = load_for_inference(path)
+    model.to(acc.device)
+    evaluator = Evaluator(list_shards(shards or cfg.data.shards, split), Collate(vocab, cfg.text.max_length, 1), vocab,
+                          acc, batch_size=batch_size, image_size=cfg.data.image_size, max_images=max_images,
+                          max_length=cfg.eval.max_length, alpha_c=cfg.model.decoder.alpha_c, beam_size=beam_size,
+                          length_penalty=cfg.eval.length_penalty, no_repeat_ngram=cfg.eval.no_repeat_ngram)
+    result = evaluator(model)
+    samples = result.pop("samples")
+    if acc.is_main_process:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        captions = [{"image_id": s["image_id"], "caption": s["caption"]} for s in samples]
+        (out / "captions.json").write_text(json.dumps(captions, indent=1))
+        (out / "scores.json").write_text(json.dumps({"split": split, "beam_size": beam_size, **result}, indent=1))
+    return result

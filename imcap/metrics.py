@@ -12,11 +12,13 @@ import logging
 import shutil
 import subprocess
 from functools import lru_cache
+from pathlib import Path
 
 from imcap.config import METRICS  # noqa: F401  (the names of the scores, in order)
 from imcap.text import tokenize
 
 log = logging.getLogger(__name__)
+METRIC_MODULE = str(Path(__file__).parent / "caption_metrics")  # for evaluate.load(METRIC_MODULE)
 
 
 @lru_cache(maxsize=None)

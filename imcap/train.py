@@ -78,10 +78,9 @@ def train(cfg: Config) -> dict:
             progress.update()
             if state.step % cfg.train.log_every == 0:
                 progress.set_postfix(metrics.log_train(state, scheduler.get_last_lr()[0]))
-            if stop.agreed(acc):  # every rank saves the same step, then exits
+            if stopped_by := stop.agreed(acc):  # every rank saves the same step, then exits
                 checkpointer.save(state, model, optimizer, scheduler, data.vocab, cfg)
-                acc.print(f"stopped by {stop.received or 'another rank'} at step {state.step}; "
-                          f"checkpoint saved, exiting with {EXIT_PREEMPTED}")
+                acc.print(f"stopped by {stopped_by} at step {state.step}; checkpoint saved, exiting with {EXIT_PREEMPTED}")
                 acc.end_training()
                 sys.exit(EXIT_PREEMPTED)
             if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:

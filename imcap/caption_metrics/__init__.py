@@ -1,0 +1,1 @@
+"""The caption metrics as an `evaluate` module (see caption_metrics.py); load it by path."""

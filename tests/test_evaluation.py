@@ -1,0 +1,76 @@
+"""Distributed evaluation, `imcap eval`, `imcap caption` with attention maps, and export."""
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, run_env, tiny_overrides
+from imcap.cli import main as imcap
+from imcap.config import load_config
+from imcap.data.demo import build_demo
+from imcap.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(demo_shards, tmp_path_factory):
+    """A tiny model trained for one epoch on the demo shards, and a val split of odd size (31 images)."""
+    runs = tmp_path_factory.mktemp("runs")
+    train(load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(demo_shards, runs, "eval.max_images=8")))
+    odd = build_demo(tmp_path_factory.mktemp("odd"), train_images=8, val_images=31, shard_samples=7)
+    return runs / "tiny", odd
+
+
+def run(*args, timeout=300):
+    result = subprocess.run(args, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_process_evaluation_of_an_odd_split_equals_one_process(trained, tmp_path):
+    model, odd = trained
+    common = ["--split", "val", "--shards", str(odd), "--beam-size", "2", "--batch-size", "4", "--cpu"]
+    run(sys.executable, "launch/evaluate.py", str(model), "--out", str(tmp_path / "one"), *common)
+    run("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29513",
+        "launch/evaluate.py", str(model), "--out", str(tmp_path / "two"), *common)
+    one, two = (json.loads((tmp_path / d / "captions.json").read_text()) for d in ("one", "two"))
+    assert len(one) == 31 and sorted(c["image_id"] for c in two) == [f"val_{i:06d}" for i in range(31)]
+    assert sorted(one, key=lambda c: c["image_id"]) == sorted(two, key=lambda c: c["image_id"])
+    scores_one, scores_two = (json.loads((tmp_path / d / "scores.json").read_text()) for d in ("one", "two"))
+    for name in ("bleu1", "bleu4", "meteor", "rouge_l", "cider"):
+        assert scores_one[name] == scores_two[name] and scores_one[name] is not None
+    assert scores_one["images"] == scores_two["images"] == 31
+    assert scores_two["val_loss"] == pytest.approx(scores_one["val_loss"], rel=1e-5)
+
+
+def test_caption_writes_an_attention_map_for_a_real_photo(trained, shared_data, tmp_path, capsys):
+    model, _ = trained
+    photo = shared_data / "photos" / "astronaut.png"
+    assert imcap(["caption", str(photo), "--model", str(model), "--attention-maps", str(tmp_path)]) == 0
+    line = capsys.readouterr().out.strip()
+    words = line.split(": ", 1)[1].split()
+    figure = Image.open(tmp_path / "astronaut.png")
+    assert line.startswith(str(photo)) and words
+    assert figure.size == (160 * (len(words) + 1), 160 + 18)  # the image, then one panel per word
+
+
+def test_exported_model_gives_the_same_captions_as_its_run(trained, tmp_path, capsys):
+    model, odd = trained
+    images = tmp_path / "images"
+    images.mkdir()
+    subprocess.run(["tar", "xf", str(odd / "val-000000.tar"), "-C", str(images), "--wildcards", "*.png"], check=True)
+    assert imcap(["export", str(model), "--out", str(tmp_path / "exported")]) == 0
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["config.yaml", "model.safetensors", "vocab.json"]
+    capsys.readouterr()
+    assert imcap(["caption", str(images), "--model", str(model)]) == 0
+    from_run = capsys.readouterr().out
+    assert imcap(["caption", str(images), "--model", str(tmp_path / "exported")]) == 0
+    assert capsys.readouterr().out == from_run and from_run.count("\n") == 7
+
+
+def test_training_logs_every_metric_of_its_evaluations(trained):
+    model, _ = trained
+    evaluations = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines() if '"split"' in line]
+    assert evaluations and all({"val_loss", "bleu1", "bleu4", "rouge_l", "cider", "meteor"} <= set(e) for e in evaluations)
+    assert evaluations[-1]["meteor"] is not None  # the last evaluation runs the Java metrics too
