@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 
+    from imcap.data.build import add_shards_commands
+    add_shards_commands(sub)
 
     args = parser.parse_args(argv)
     if getattr(args, "out", "") is None:

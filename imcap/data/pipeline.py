@@ -113,7 +113,7 @@ def sample_captions(sample: dict) -> list[str]:
     if "json" in sample:
         meta = json.loads(sample["json"])
         found = meta.get("captions", meta.get("caption", [])) if isinstance(meta, dict) else []
-        captions = [found] if isinstance(found, str) else list(found)
+        captions = [found] if isinstance(found, str) else found if isinstance(found, list) else []  # null: img2dataset
     if not captions and "txt" in sample:
         captions = [sample["txt"].decode("utf-8")]
     captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
