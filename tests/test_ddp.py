@@ -35,3 +35,10 @@ def test_accelerate_launch_of_the_training_script_runs_two_processes_to_the_end(
     assert [r["step"] for r in records if "train_loss" in r] == [2, 4, 6]
     assert any(r.get("split") == "val" and "bleu4" in r for r in records)
     assert (run / "checkpoints" / "step-000006" / "model.safetensors").exists()
+
+
+def test_torchrun_starts_the_same_script_as_two_processes(demo_shards, tmp_path):
+    result = launch("torchrun", "--nproc_per_node", "2", "--master_port", "29514", "launch/train.py",
+                    "--config", "configs/demo.yaml", *tiny_overrides(demo_shards, tmp_path, "train.cpu=true", "eval.max_images=4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es), 6 steps per epoch" in result.stdout

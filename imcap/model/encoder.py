@@ -98,7 +98,7 @@ class EncoderCNN(nn.Module):
         return self
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() / 255.0 - self.mean) / self.std  # (B, 3, H, W)
+        x = (images.to(self.mean.dtype) / 255.0 - self.mean) / self.std  # (B, 3, H, W)
         return x.contiguous(memory_format=self.memory_format)
 
     def frozen_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,10 @@ class EncoderCNN(nn.Module):
             return self.frozen_part(self.normalize(images))
 
     def forward(self, images: torch.Tensor | None = None, frozen: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.frozen_features(images) if frozen is None else frozen.float().contiguous(memory_format=self.memory_format)
+        if frozen is None:
+            x = self.frozen_features(images)
+        else:  # a cache holds bf16 or fp16: compute in the model's dtype
+            x = frozen.to(self.feature_mean.dtype).contiguous(memory_format=self.memory_format)
         if self.train_layer4:
             x = self.layer4(x)  # (B, 2048, h, w)
         features = x.flatten(2).transpose(1, 2)  # (B, h*w, 2048)
