@@ -85,6 +85,8 @@ def test_kill_9_at_a_random_step_then_resume_gives_bitwise_the_weights_of_an_uni
     wait_for(lambda: any(r["step"] >= kill_at for r in logged_steps(run)), procs)
     kill_9(procs)
     resumed_from = latest_checkpoint(run)
+    # read now: the resumed run prunes old checkpoints (keep_last)
+    first = 0 if resumed_from is None else json.loads((resumed_from / "state.json").read_text())["step"]
     logged_before = len(logged_steps(run))
     assert wait_all(start_ranks(interrupted, log=tmp_path / "log")) == [0, 0], (tmp_path / "log.rank0").read_text()[-3000:]
 
@@ -94,7 +96,6 @@ def test_kill_9_at_a_random_step_then_resume_gives_bitwise_the_weights_of_an_uni
     assert all(torch.equal(final[k], final_ref[k]) for k in final), f"killed at step {kill_at}"
     expected = {r["step"]: r for r in logged_steps(tmp_path / "reference")}
     after_resume = logged_steps(run)[logged_before:]
-    first = 0 if resumed_from is None else json.loads((resumed_from / "state.json").read_text())["step"]
     assert [r["step"] for r in after_resume] == list(range(first + 1, 13))
     for r in after_resume:
         assert r["lr"] == expected[r["step"]]["lr"] and r["epoch"] == expected[r["step"]]["epoch"]

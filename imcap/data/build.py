@@ -16,6 +16,7 @@ import functools
 import glob
 import io
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -24,7 +25,6 @@ import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from multiprocessing import Pool
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -222,11 +222,12 @@ def _unique_records(items: Iterable[Record | Problem], problems: list[Problem]):
 @contextmanager
 def _ordered_map(workers: int):
     """map over `workers` processes, results in input order; one worker maps in this process.
-    One task per item: a chunk would wait for items that a streaming source has not produced yet."""
+    One task per item: a chunk would wait for items that a streaming source has not produced yet.
+    Spawned, not forked: a fork of a process whose torch/OpenMP threads have run can hang in its children."""
     if workers <= 1:
         yield map
         return
-    with Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
         yield pool.imap
 
 
