@@ -36,6 +36,28 @@ def cmd_caption(args) -> None:
         print(f"{path}: {caption}")
 
 
+def cmd_features(args) -> None:
+    import torch
+    from accelerate.utils import set_seed
+
+    from imcap import features
+    from imcap.data.shards import read_sizes
+    from imcap.model.encoder import EncoderCNN
+
+    cfg = load_config(args.config, args.overrides)
+    set_seed(cfg.train.seed)  # `weights: none` gives the encoder the trainer would build
+    enc = cfg.model.encoder
+    encoder = EncoderCNN(enc.weights, enc.train_layer4, enc.channels_last)
+    out = args.out or str(features.cache_dir_for(cfg.data.shards, encoder, cfg.data.image_size))
+    device = "cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu"
+    sizes = features.build_cache_shards(encoder, cfg.data.shards, [cfg.data.train_split, cfg.data.val_split], out,
+                                        cfg.data.image_size, args.batch_size, device, args.dtype)
+    features.finish_cache(out, cfg.data.shards, {**read_sizes(out), **sizes}, encoder, cfg.data.image_size,
+                          enc.weights, args.dtype)
+    print(f"{sum(sizes.values())} images cached in {out}; train from it with data.shards={out} "
+          f"(or data.feature_cache=true, which finds it)")
+
+
 def cmd_export(args) -> None:
     from imcap.checkpoint import export
 
@@ -74,6 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--attention-maps", default=None, metavar="DIR", help="write one PNG per image here")
     p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("features", help="the frozen-feature cache")
+    p = p.add_subparsers(dest="features_command", required=True).add_parser(
+        "build", help="run the frozen part of a config's encoder once over its shards and cache the output")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="dotted key=value")
+    p.add_argument("--out", default=None, help="default: <data.shards>/features/<digest of the frozen weights>")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("export", help="weights (safetensors), vocabulary and config for inference")
     p.add_argument("run", help="a run directory (its best checkpoint) or a checkpoint directory")

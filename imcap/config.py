@@ -80,7 +80,7 @@ class TrainConfig:
     cpu: bool = False  # force CPU (and gloo) even when a GPU is visible
     seed: int = 0
     log_every: int = 10  # optimizer steps
-    compile: bool = False
+    compile: bool = False  # torch.compile the decoder step (worth it on GPUs)
     preemption_signal: str = "SIGUSR1"  # with SIGTERM: save a checkpoint and exit with code 75
 
 

@@ -9,8 +9,8 @@ own encoder's, so a cache is never used with an encoder, weights or image size i
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from safetensors.torch import save as save_safetensors
 from imcap.data.pipeline import DataError, SampleError, decode_sample, list_shards
 from imcap.data.shards import SIZES_FILE, TarShard, update_sizes
 from imcap.model.encoder import EncoderCNN
+from imcap.text import VOCAB_FILE
 
 CACHE_FILE = "cache.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -97,10 +98,12 @@ def _write_batch(tar: TarShard, batch: list[dict], encoder: EncoderCNN, device, 
         })
 
 
-def finish_cache(out_dir: str | Path, sizes: dict[str, int], encoder: EncoderCNN, image_size: int,
+def finish_cache(out_dir: str | Path, source: str, sizes: dict[str, int], encoder: EncoderCNN, image_size: int,
                  weights: str, dtype: str) -> None:
-    """Record sizes and what the cache was made with; only then is it complete."""
+    """Record sizes, the source's vocabulary and what the cache was made with; only then is it complete."""
     update_sizes(out_dir, sizes)
+    if (Path(source) / VOCAB_FILE).exists():
+        shutil.copyfile(Path(source) / VOCAB_FILE, Path(out_dir) / VOCAB_FILE)
     meta = {"digest": encoder_digest(encoder, image_size), "weights": weights, "image_size": image_size,
             "train_layer4": encoder.train_layer4, "dtype": dtype}
     (Path(out_dir) / CACHE_FILE).write_text(json.dumps(meta, indent=1))

@@ -49,6 +49,8 @@ def train(cfg: Config) -> dict:
     checkpointer = Checkpointer(cfg.run_dir, acc, cfg.checkpoint.keep_last)
 
     data = use_feature_cache(model, data, cfg, acc)
+    if cfg.train.compile:  # the recurrence's step is where the time goes; its batch shrinks, so dynamic shapes
+        model.decoder.step = torch.compile(model.decoder.step, dynamic=True)
     resume_from = broadcast_object(acc, resolve_resume(cfg.resume, cfg.run_dir))  # rank 0 decides for all
     if resume_from:
         check_compatible(resume_from, model, data.vocab)
@@ -174,7 +176,7 @@ def use_feature_cache(model: Captioner, data: CaptionData, cfg: Config, acc: Acc
                                                  rank=acc.process_index, world_size=acc.num_processes)
         all_sizes = {k: v for part in gather_objects(acc, sizes) for k, v in part.items()}
         if acc.is_main_process:
-            feature_cache.finish_cache(cache, all_sizes, encoder, d.image_size, cfg.model.encoder.weights, "bf16")
+            feature_cache.finish_cache(cache, d.shards, all_sizes, encoder, d.image_size, cfg.model.encoder.weights, "bf16")
         acc.wait_for_everyone()
         acc.print(f"cached {sum(all_sizes.values())} images in {time.time() - start:.0f} s")
     return data.with_shards(str(cache))

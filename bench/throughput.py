@@ -1,0 +1,213 @@
+"""Training throughput of imcap's step against the straightforward step (bench/reference.py), side by side.
+
+    python bench/throughput.py                      # the small CPU size
+    python bench/throughput.py --size gpu           # batch 256, 224 px, vocabulary 10,000, 20 steps, bf16
+    python bench/throughput.py --pipeline SHARDS    # also: the data pipeline's images/s per core on SHARDS
+
+Both steps train the same weights and are timed in the same run, alternating, so the ratios are
+measured under the same conditions. The reference trains `--batch` rows, one image and one caption
+each (batch/k images, each repeated for its k captions); imcap trains `--images` images with k
+captions each, one encoder pass per image. Rates are caption samples (image-caption pairs) per second. Modes: the encoder frozen or its layer4 trained, and imcap
+reading cached encoder features (`imcap features build`) instead of images. With --e2e the batches
+come from JPEG shards in memory (/dev/shm) through imcap's own pipeline, decoded by data workers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reference import ReferenceCaptioner  # noqa: E402
+
+from imcap.config import load_config  # noqa: E402
+from imcap.model import Captioner, caption_loss  # noqa: E402
+from imcap.train import make_optimizer  # noqa: E402
+
+SIZES = {  # batch: the reference's rows (caption samples) per step; images: imcap's images per step, k captions each
+    "cpu": dict(batch=40, images=8, image_size=224, vocab=1000, length=12, captions=5, dim=512, bf16=False),
+    "gpu": dict(batch=256, images=256, image_size=224, vocab=10000, length=20, captions=5, dim=512, bf16=True),
+}
+
+
+def random_batch(images: int, k: int, length: int, vocab: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    pictures = torch.randint(0, 256, (images, 3, size, size), dtype=torch.uint8, generator=g)
+    captions = torch.randint(4, vocab, (images, k, length + 1), generator=g)
+    captions[:, :, 0] = 1
+    ends = torch.randint(length // 2, length + 1, (images, k), generator=g)  # real captions vary in length
+    positions = torch.arange(length + 1).view(1, 1, -1)
+    captions[positions == ends.unsqueeze(2)] = 2
+    captions[positions > ends.unsqueeze(2)] = 0
+    return pictures.to(device), captions.to(device)
+
+
+def models(args, train_layer4: bool, device):
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.encoder.weights=none", f"model.encoder.train_layer4={str(train_layer4).lower()}",
+                             f"model.decoder.embed_dim={args.dim}", f"model.decoder.hidden_dim={args.dim}",
+                             f"model.decoder.attention_dim={args.dim}"])
+    fast = Captioner(cfg.model, args.vocab).to(device).train()
+    reference = ReferenceCaptioner(args.vocab, train_layer4, args.dim, args.dim, args.dim, 0.5)
+    reference.load_state_dict(fast.state_dict())
+    if args.compile:
+        fast.decoder.step = torch.compile(fast.decoder.step, dynamic=True)
+    return fast, reference.to(device).train()
+
+
+class Step:
+    """Optimizer steps of one model on batches from `batches`, timed; `inputs(images, captions)` gives
+    the model's arguments."""
+
+    def __init__(self, name, model, inputs, batches, args, device, optimizer):
+        self.name, self.model, self.inputs, self.batches, self.optimizer = name, model, inputs, batches, optimizer
+        self.args, self.device, self.seconds, self.steps, self.done = args, device, 0.0, 0, 0
+
+    def run(self, timed: bool) -> None:
+        start = time.perf_counter()
+        images, captions = next(self.batches)
+        self.samples = captions.shape[0] * captions.shape[1]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+            logits, alphas = self.model(*self.inputs(images, captions))
+        loss, _ = caption_loss(logits, alphas, captions, 0, 1.0)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if timed:
+            self.seconds += time.perf_counter() - start
+            self.steps += 1
+            self.done += self.samples
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.seconds
+
+
+def compare(args, device, train_layer4: bool, reference_batches, imcap_batches) -> dict[str, float]:
+    fast, reference = models(args, train_layer4, device)
+    on_device = device_batches(args, args.images, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        cached = fast.encoder.frozen_features(next(on_device)[0]).to(torch.bfloat16)  # what a feature cache holds
+    plain = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-4)
+    ours = make_optimizer(fast, load_config(None, ["train.lr=1e-4"]))  # imcap's own parameter groups
+    steps = [Step("reference", reference, lambda images, captions: (images, captions), reference_batches, args,
+                  device, plain),
+             Step("imcap", fast, lambda images, captions: (captions, images), imcap_batches, args, device, ours),
+             Step("imcap, cached features", fast, lambda images, captions: (captions, None, cached), on_device, args,
+                  device, ours)]
+    for step in steps:  # warm up (and compile) outside the timing
+        for _ in range(2):
+            step.run(timed=False)
+    deadline = time.perf_counter() + args.seconds * len(steps)
+    while time.perf_counter() < deadline or min(s.steps for s in steps) < 3:
+        for step in steps:  # alternate, so the same machine conditions fall on every step
+            step.run(timed=True)
+    return {s.name: s.rate for s in steps}
+
+
+def device_batches(args, images: int, device):
+    """The same random batch of `images` images with k captions each, already on the device."""
+    pictures, captions = random_batch(images, args.captions, args.length, args.vocab, args.image_size, device)
+    while True:
+        yield pictures, captions
+
+
+def shard_batches(args, images: int, device, shard_dir: str):
+    """Batches from JPEG shards in memory through imcap's pipeline and data workers."""
+    from imcap.data.pipeline import Collate, batches_per_epoch, count_samples, list_shards, train_loader
+    from imcap.text import Vocabulary
+
+    shards = list_shards(shard_dir, "train")
+    # A small sample set is read round and round in one loader, so that the timing holds data
+    # workers' decoding, not their start at each short epoch; every worker needs shards of its own.
+    shards *= max(-(-args.workers // len(shards)), -(-20 * images // count_samples(shards)))
+    vocab = Vocabulary.load(Path(shard_dir) / "vocab.json")
+    epoch = 0
+    while True:
+        loader = train_loader(shards, Collate(vocab, args.length - 1, args.captions), rank=0, world_size=1, epoch=epoch,
+                              seed=0, num_batches=batches_per_epoch(count_samples(shards), images, 1, 1), skip=0,
+                              batch_size=images, image_size=args.image_size, random_crop=True, shuffle_buffer=1000,
+                              num_workers=args.workers)
+        for batch in loader:
+            yield batch["images"].to(device, non_blocking=True), batch["captions"].to(device, non_blocking=True)
+        epoch += 1
+
+
+def pipeline_rate(shard_dir: str, image_size: int, seconds: float = 20.0) -> float:
+    """Decoded, cropped images per second per core through imcap's pipeline (one process, no workers)."""
+    from imcap.data.pipeline import Collate, eval_loader, list_shards
+    from imcap.text import Vocabulary
+
+    vocab = Vocabulary.load(Path(shard_dir) / "vocab.json")
+    loader = eval_loader(list_shards(shard_dir, "train"), Collate(vocab, 30, 1), rank=0, world_size=1, batch_size=32,
+                         image_size=image_size, max_images=0, num_workers=0)
+    images, start = 0, time.process_time()  # CPU time of this process: images per core-second
+    while time.process_time() - start < seconds:
+        for batch in loader:
+            images += len(batch["images"])
+            if time.process_time() - start >= seconds:
+                break
+    return images / (time.process_time() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=SIZES, default="cpu")
+    parser.add_argument("--seconds", type=float, default=None, help="timed seconds per step kind (default: 6 CPU, 8 GPU)")
+    parser.add_argument("--modes", default="frozen,layer4")
+    parser.add_argument("--compile", action="store_true", help="torch.compile imcap's decoder step")
+    parser.add_argument("--e2e", metavar="SHARDS", help="take batches from these JPEG shards (copied to /dev/shm)")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    parser.add_argument("--pipeline", metavar="SHARDS", help="also measure the pipeline's images/s per core on these shards")
+    for key, value in SIZES["cpu"].items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value) if not isinstance(value, bool) else int,
+                            default=None)
+    args = parser.parse_args()
+    for key, value in SIZES[args.size].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.bf16 = bool(args.bf16)
+    args.seconds = args.seconds or (8.0 if args.size == "gpu" else 6.0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    card = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
+    if args.e2e:
+        from imcap.text import Vocabulary
+
+        args.vocab = len(Vocabulary.load(Path(args.e2e) / "vocab.json"))  # the shards' captions decide it
+    print(f"device: {card}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    print(f"reference: {args.batch} rows (an image and a caption each) per step; imcap: {args.images} images x "
+          f"{args.captions} captions per step; "
+          f"{args.image_size} px, vocabulary {args.vocab}, {args.length} decoder steps, dims {args.dim}, "
+          f"{'bf16' if args.bf16 else 'fp32'}{', compiled decoder step' if args.compile else ''}"
+          f"{', batches from JPEG shards in memory' if args.e2e else ', batches already on the device'}"
+          " (cached features: always on the device)")
+    shard_dir = None
+    if args.e2e:
+        import shutil
+
+        shard_dir = tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+        for f in Path(args.e2e).iterdir():
+            if f.is_file():
+                shutil.copyfile(f, Path(shard_dir) / f.name)
+    for mode in args.modes.split(","):
+        def batches(images):
+            return shard_batches(args, images, device, shard_dir) if shard_dir else device_batches(args, images, device)
+        rates = compare(args, device, mode == "layer4", batches(args.batch // args.captions), batches(args.images))
+        base = rates.pop("reference")
+        print(f"{mode:7s} reference {base:10.1f} caption-samples/s | " +
+              " | ".join(f"{name} {rate:10.1f} ({rate / base:.2f}x)" for name, rate in rates.items()), flush=True)
+    if args.pipeline:
+        print(f"pipeline: {pipeline_rate(args.pipeline, 224):.0f} images/s per core (decode + resize + crop to 224 px, "
+              f"{args.pipeline})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The frozen-feature cache: `imcap features build`, training from it, refusing a mismatched cache."""
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_overrides
+from imcap.cli import main as imcap
+from imcap.config import load_config
+from imcap.data.pipeline import DataError, list_shards
+from imcap.data.shards import read_sizes
+from imcap.train import train
+
+
+@pytest.fixture(scope="module")
+def cache(demo_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    assert imcap(["features", "build", "--config", str(ROOT / "configs" / "demo.yaml"), f"data.shards={demo_shards}",
+                  "--out", str(out), "--dtype", "fp32"]) == 0
+    return out
+
+
+def test_a_cache_mirrors_its_source_shards(cache, demo_shards):
+    assert read_sizes(cache) == read_sizes(demo_shards)
+    assert [p.rsplit("/", 1)[1] for p in list_shards(str(cache), "val")] == ["val-000000.tar", "val-000001.tar", "val-000002.tar"]
+    meta = json.loads((cache / "cache.json").read_text())
+    assert meta["image_size"] == 64 and meta["weights"] == "none" and not meta["train_layer4"]
+    assert (cache / "vocab.json").read_bytes() == (demo_shards / "vocab.json").read_bytes()
+
+
+def test_training_reads_the_cache_with_the_encoder_it_was_made_with(cache, tmp_path):
+    overrides = tiny_overrides(cache, tmp_path, "data.train_crop=center", "eval.max_images=8")
+    scores = train(load_config(ROOT / "configs" / "demo.yaml", overrides))
+    assert scores["images"] == 8
+
+
+@pytest.mark.parametrize("change, what", [("train.seed=1", "weights none"), ("data.image_size=96", "image size 96"),
+                                          ("model.encoder.train_layer4=true", "train_layer4 True")])
+def test_a_cache_made_with_another_encoder_is_refused(cache, tmp_path, change, what):
+    overrides = tiny_overrides(cache, tmp_path, "data.train_crop=center", change)
+    with pytest.raises(DataError, match=f"made with another encoder .*now .*{what}"):
+        train(load_config(ROOT / "configs" / "demo.yaml", overrides))
