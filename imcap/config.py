@@ -36,6 +36,9 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     feature_cache: bool = False  # train from cached outputs of the frozen part of the encoder
+    # where training JPEGs are decoded: by the data workers, or by the training process on its device
+    # (nvJPEG on a GPU), the workers then only reading bytes; evaluation always decodes in the workers
+    jpeg_decode: Literal["workers", "device"] = "workers"
 
 
 @dataclass
@@ -78,9 +81,10 @@ class TrainConfig:
     clip_grad_norm: float = 5.0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     cpu: bool = False  # force CPU (and gloo) even when a GPU is visible
+    cpu_threads: int = 0  # torch threads per process on CPU; 0: the usable cores shared by this node's processes
     seed: int = 0
     log_every: int = 10  # optimizer steps
-    compile: bool = False  # torch.compile the decoder step (worth it on GPUs)
+    compile: bool = False  # torch.compile the decoder step (slower than eager on an H200: bench/RESULTS.md)
     preemption_signal: str = "SIGUSR1"  # with SIGTERM: save a checkpoint and exit with code 75
 
 
@@ -162,6 +166,7 @@ def validate(cfg: Config) -> None:
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (cfg.data.captions_per_image >= 1, "data.captions_per_image must be >= 1"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.train.cpu_threads >= 0, "train.cpu_threads must be >= 0"),
         (cfg.data.image_size >= 32, "data.image_size must be >= 32 (ResNet-50 downsamples by 32)"),
         (not (cfg.data.feature_cache and cfg.data.train_crop == "random"),
          "data.feature_cache needs data.train_crop=center: a random crop changes the features every epoch"),

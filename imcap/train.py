@@ -107,8 +107,9 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], pad_id: i
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with nullcontext() if last else acc.no_sync(model):  # all-reduce gradients once per step
+            inputs = model_inputs(batch, acc.device)
             captions = batch["captions"].to(acc.device, non_blocking=True)
-            logits, alphas = model(captions, **model_inputs(batch, acc.device))
+            logits, alphas = model(captions, **inputs)
             loss, xent = caption_loss(logits, alphas, captions, pad_id, cfg.model.decoder.alpha_c)
             acc.backward(loss / len(micro_batches))
         losses.append(xent.detach())
@@ -122,9 +123,9 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], pad_id: i
 def make_accelerator(cfg: Config) -> Accelerator:
     acc = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision, log_with="tensorboard",
                       project_dir=str(cfg.run_dir), step_scheduler_with_optimizer=False)
-    if acc.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+    if acc.device.type == "cpu":  # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise
         local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))  # processes share the cores
+        torch.set_num_threads(cfg.train.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
     logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     return acc

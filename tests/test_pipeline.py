@@ -11,7 +11,7 @@ from PIL import Image
 
 from imcap.config import load_config
 from imcap.data.pipeline import (Collate, DataError, count_samples, decode_image, eval_loader, list_shards,
-                                 split_captions, train_loader)
+                                 model_inputs, split_captions, train_loader)
 from imcap.data.shards import ShardWriter
 from imcap.model import Captioner, caption_loss
 from imcap.text import Vocabulary
@@ -93,6 +93,54 @@ def test_corrupt_and_captionless_samples_are_skipped_and_counted(tmp_path):
                                batch_size=10, image_size=32, max_images=0, num_workers=0))
     assert [b["image_ids"] for b in batches] == [["good1", "good2"]]
     assert batches[0]["skipped"] == 5
+
+
+def smooth_picture(width: int, height: int, seed: int) -> Image.Image:
+    """Gradients and a few blobs: different resizers agree on it to within a grey level or two."""
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    phase = np.random.default_rng(seed).uniform(0, 6, 3)
+    channels = [np.sin(3 * x + 2 * y + p) for p in phase]
+    return Image.fromarray((127 + 120 * np.stack(channels, axis=2)).astype(np.uint8))
+
+
+def one_batch(shards_dir: Path, jpeg_on_device: bool, batch_size: int) -> dict:
+    loader = train_loader(list_shards(str(shards_dir), "train"), Collate(Vocabulary.build(["a thing"], 1), 5, 1),
+                          rank=0, world_size=1, num_batches=1, skip=0, num_workers=0,
+                          jpeg_on_device=jpeg_on_device, **{**TRAIN, "batch_size": batch_size})
+    return next(iter(loader))
+
+
+def test_jpegs_decoded_on_the_device_are_the_images_the_workers_decode(tmp_path):
+    """The device path (here torchvision's CPU decoder: nvJPEG on a GPU) gets the same samples, crops and
+    pixels to within resampling differences; PNG and CMYK JPEG are decoded by the worker in the same batch."""
+    pictures = {"rgb": (smooth_picture(120, 90, 0), "JPEG"), "gray": (smooth_picture(80, 100, 1).convert("L"), "JPEG"),
+                "cmyk": (smooth_picture(90, 90, 2).convert("CMYK"), "JPEG"), "png": (smooth_picture(100, 70, 3), "PNG"),
+                "wide": (smooth_picture(127, 64, 4), "JPEG")}
+    with ShardWriter(tmp_path, "train", max_samples=100) as writer:
+        for key, (picture, fmt) in pictures.items():
+            writer.write(sample(key, image_bytes(picture, fmt), "png" if fmt == "PNG" else "jpg"))
+    by_workers = one_batch(tmp_path, False, len(pictures))
+    on_device = one_batch(tmp_path, True, len(pictures))
+    assert "jpegs" in on_device and "images" not in on_device
+    images = model_inputs(on_device, "cpu")["images"]
+    assert on_device["image_ids"] == by_workers["image_ids"] and torch.equal(on_device["captions"], by_workers["captions"])
+    assert images.shape == by_workers["images"].shape == (len(pictures), 3, 64, 64) and images.dtype == torch.uint8
+    difference = (images.float() - by_workers["images"].float()).abs()
+    assert difference.mean() < 2 and difference.amax() < 40, [(k, d.mean().item()) for k, d in zip(on_device["image_ids"], difference)]
+
+
+def test_a_jpeg_the_device_cannot_decode_is_dropped_with_its_captions_and_counted(tmp_path):
+    good = [image_bytes(smooth_picture(300, 200, i), "JPEG") for i in range(3)]
+    with ShardWriter(tmp_path, "train", max_samples=100) as writer:
+        for i, data in enumerate(good):
+            writer.write(sample(f"good{i}", data, "jpg", [f"thing {i}"]))
+        writer.write(sample("truncated", good[0][: len(good[0]) * 3 // 4], "jpg"))  # its header reads fine
+    batch = one_batch(tmp_path, True, 4)
+    assert sorted(batch["image_ids"]) == ["good0", "good1", "good2", "truncated"]
+    images = model_inputs(batch, "cpu")["images"]
+    assert sorted(batch["image_ids"]) == ["good0", "good1", "good2"] and batch["skipped"] == 1
+    assert images.shape[0] == batch["captions"].shape[0] == len(batch["references"]) == 3
+    assert [refs[0] for refs in batch["references"]] == [f"thing {key[-1]}" for key in batch["image_ids"]]
 
 
 def test_captions_come_from_json_or_txt(tmp_path):

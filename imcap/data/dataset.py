@@ -31,7 +31,8 @@ class CaptionData:
         return train_loader(self.train_shards, self.collate, rank=rank, world_size=world_size, epoch=epoch,
                             seed=self.cfg.train.seed, num_batches=num_batches, skip=skip, batch_size=d.batch_size,
                             image_size=d.image_size, random_crop=d.train_crop == "random",
-                            shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers)
+                            shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
+                            jpeg_on_device=d.jpeg_decode == "device")
 
     def with_shards(self, source: str) -> CaptionData:
         """The same dataset read from other shards of the same splits (a feature cache)."""

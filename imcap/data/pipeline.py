@@ -34,6 +34,8 @@ import webdataset as wds
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as F
 
 from imcap.data.shards import iter_tar_members, read_sizes
 from imcap.text import Vocabulary, pad_captions
@@ -93,19 +95,33 @@ def decode_image(data: bytes, image_size: int) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_crop(image: Image.Image, size: int, rng: random.Random | None) -> torch.Tensor:
-    """Shorter side to `size`, then a size x size crop (random when rng is given, else centred).
-
-    -> (3, size, size) uint8; normalisation happens on the device, inside the encoder."""
-    w, h = image.size
-    scale = size / min(w, h)
-    if (w, h) != (size, size):
-        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-    w, h = image.size
+def crop_box(width: int, height: int, size: int, rng: random.Random | None) -> tuple[int, int, int, int]:
+    """Where an image of width x height goes: shorter side resized to `size`, then a size x size crop
+    (random when rng is given, else centred). -> (resized width, resized height, left, top)."""
+    scale = size / min(width, height)
+    w, h = max(size, round(width * scale)), max(size, round(height * scale))
     left, top = ((rng.randint(0, w - size), rng.randint(0, h - size)) if rng
                  else ((w - size) // 2, (h - size) // 2))
+    return w, h, left, top
+
+
+def resize_crop(image: Image.Image, size: int, rng: random.Random | None) -> torch.Tensor:
+    """-> (3, size, size) uint8, placed by crop_box; normalisation happens on the device, inside the encoder."""
+    w, h, left, top = crop_box(*image.size, size, rng)
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.BILINEAR)
     image = image.crop((left, top, left + size, top + size))
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, S, S)
+
+
+def jpeg_for_device(data: bytes, size: int, rng: random.Random | None) -> dict | None:
+    """A JPEG left for the training process to decode (nvJPEG on a GPU), with its crop from the
+    header alone; None for what the device decoder does not take (not a JPEG, CMYK, 16-bit...)."""
+    image = Image.open(io.BytesIO(data))  # reads the header; a bad one raises, and the sample is skipped
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return None
+    return {"bytes": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+            "box": torch.tensor([*crop_box(*image.size, size, rng), size])}  # (w, h, left, top, size)
 
 
 def sample_captions(sample: dict) -> list[str]:
@@ -130,8 +146,8 @@ def image_id(sample: dict) -> str:
     return sample["__key__"]
 
 
-def decode_sample(sample: dict, image_size: int, rng: random.Random | None) -> dict:
-    """Raw tar sample -> {"images" | "frozen": tensor, "captions": [str], "image_id": str}."""
+def decode_sample(sample: dict, image_size: int, rng: random.Random | None, jpeg_on_device: bool = False) -> dict:
+    """Raw tar sample -> {"images" | "frozen" | "jpeg": ..., "captions": [str], "image_id": str}."""
     try:
         decoded = {"captions": sample_captions(sample), "image_id": image_id(sample)}
         if "safetensors" in sample:
@@ -140,7 +156,10 @@ def decode_sample(sample: dict, image_size: int, rng: random.Random | None) -> d
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None:
             raise SampleError(f"no image (expected one of {', '.join(IMAGE_EXTENSIONS)})")
-        decoded["images"] = resize_crop(decode_image(sample[ext], image_size), image_size, rng)
+        if jpeg_on_device and (jpeg := jpeg_for_device(sample[ext], image_size, rng)):
+            decoded["jpeg"] = jpeg
+        else:
+            decoded["images"] = resize_crop(decode_image(sample[ext], image_size), image_size, rng)
         return decoded
     except SampleError:
         raise
@@ -174,13 +193,73 @@ class Collate:
             "references": [s["captions"] for s in samples],
             "image_ids": [s["image_id"] for s in samples],
         }
+        if any("jpeg" in s for s in samples):
+            batch["jpegs"] = pack_jpegs(samples)
+            return batch
         key = "frozen" if "frozen" in samples[0] else "images"
         batch[key] = torch.stack([s[key] for s in samples])  # (B, 3, S, S) uint8 or (B, C, h, w)
         return batch
 
 
+def pack_jpegs(samples: list[dict]) -> dict:
+    """A batch's images as a few tensors (one shared-memory handle each on the way from a worker):
+    every JPEG's bytes end to end, where each ends (an empty slice: decoded by the worker), crop
+    boxes, and the worker-decoded images in order."""
+    data = [s["jpeg"]["bytes"] if "jpeg" in s else torch.empty(0, dtype=torch.uint8) for s in samples]
+    size = next(s["jpeg"]["box"][4] for s in samples if "jpeg" in s)
+    return {"bytes": torch.cat(data), "ends": torch.tensor([len(d) for d in data]).cumsum(0),
+            "boxes": torch.stack([s["jpeg"]["box"] if "jpeg" in s else torch.zeros(5, dtype=torch.long) for s in samples]),
+            "decoded": torch.stack([s["images"] for s in samples if "images" in s] or
+                                   [torch.zeros(3, int(size), int(size), dtype=torch.uint8)])}
+
+
+def decode_jpegs(batch: dict, device) -> torch.Tensor:
+    """The images of a batch from pack_jpegs, decoded on the device: (B', 3, S, S) uint8. A JPEG the
+    device cannot decode is dropped with its captions (from every field of `batch`) and counted in
+    batch["skipped"], as a worker would have skipped it."""
+    packed = batch["jpegs"]
+    ends = packed["ends"].tolist()
+    starts = [0] + ends[:-1]
+    on_device = [i for i in range(len(ends)) if ends[i] > starts[i]]
+    jpegs = [packed["bytes"][starts[i]:ends[i]] for i in on_device]
+    try:
+        images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad JPEG fails the whole call: decode them one by one
+        images = [_decode_one(jpeg, device) for jpeg in jpegs]
+    decoded = dict(zip(on_device, images))
+    worker_decoded = iter(packed["decoded"])
+    out, keep = [], []
+    for i, (w, h, left, top, size) in enumerate(packed["boxes"].tolist()):
+        if i not in decoded:
+            out.append(next(worker_decoded).to(device, non_blocking=True))
+        elif decoded[i] is not None:
+            image = F.resize(decoded[i], [h, w], antialias=True) if decoded[i].shape[1:] != (h, w) else decoded[i]
+            out.append(image[:, top:top + size, left:left + size])
+        else:
+            continue
+        keep.append(i)
+    if len(keep) < len(ends):
+        log.warning("skipping %d sample(s) whose JPEG could not be decoded on %s: %s", len(ends) - len(keep),
+                    device, [batch["image_ids"][i] for i in range(len(ends)) if i not in keep])
+        batch["skipped"] += len(ends) - len(keep)
+        batch["captions"] = batch["captions"][keep]
+        for key in ("references", "image_ids"):
+            batch[key] = [batch[key][i] for i in keep]
+    return torch.stack(out)
+
+
+def _decode_one(jpeg: torch.Tensor, device) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(jpeg, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
+
+
 def model_inputs(batch: dict, device) -> dict:
-    """The encoder input of a batch, on the device: {"images": ...} or {"frozen": ...}."""
+    """The encoder input of a batch, on the device: {"images": ...} or {"frozen": ...}. Call it before
+    reading the batch's captions: decoding on the device may drop samples (decode_jpegs)."""
+    if "jpegs" in batch:
+        return {"images": decode_jpegs(batch, device)}
     key = "frozen" if "frozen" in batch else "images"
     return {key: batch[key].to(device, non_blocking=True)}
 
@@ -248,6 +327,7 @@ class TrainStream(IterableDataset):
     image_size: int
     random_crop: bool
     shuffle_buffer: int
+    jpeg_on_device: bool = False
 
     def __iter__(self):
         slot, workers = _worker()
@@ -260,7 +340,7 @@ class TrainStream(IterableDataset):
         counter = _SkipCounter()
         decode_rng = rng if self.random_crop else None
         batches = _batches(self._samples(worker, workers, rng, counter),
-                           lambda s: decode_sample(s, self.image_size, decode_rng), self.collate,
+                           lambda s: decode_sample(s, self.image_size, decode_rng, self.jpeg_on_device), self.collate,
                            self.batch_size, counter, rng)
         for i, batch in enumerate(batches):
             if i >= mine:
@@ -330,14 +410,14 @@ def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, grad_a
 
 def train_loader(shards: list[str], collate: Collate, *, rank: int, world_size: int, epoch: int, seed: int,
                  num_batches: int, skip: int, batch_size: int, image_size: int, random_crop: bool,
-                 shuffle_buffer: int, num_workers: int) -> DataLoader:
+                 shuffle_buffer: int, num_workers: int, jpeg_on_device: bool = False) -> DataLoader:
     if len(shards) < world_size * max(1, num_workers):
         raise DataError(
             f"{len(shards)} training shards cannot feed {world_size} processes x {max(1, num_workers)} data "
             f"workers (each needs at least one shard): write more, smaller shards (`imcap shards build "
             f"--shard-size`), or lower data.num_workers to {max(0, len(shards) // world_size)}")
     stream = TrainStream(shards, collate, rank, world_size, epoch, seed, num_batches, skip, batch_size,
-                         image_size, random_crop, shuffle_buffer)
+                         image_size, random_crop, shuffle_buffer, jpeg_on_device)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=4 if num_workers else None, generator=_quiet_generator())
 
