@@ -37,7 +37,8 @@ def tiny_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def run_env() -> dict:
-    """The environment for subprocesses: this interpreter's scripts first, one thread per process."""
+    """The environment for subprocesses: this interpreter's scripts first, OpenMP pools of one thread
+    (training sets its own torch threads: train.cpu_threads)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env["OMP_NUM_THREADS"] = "1"

@@ -1,6 +1,9 @@
 """The WebDataset pipeline on real tars: decoding, skipping bad samples, equal epochs, exact coverage."""
 import io
 import json
+import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -12,9 +15,11 @@ from PIL import Image
 from imcap.config import load_config
 from imcap.data.pipeline import (Collate, DataError, count_samples, decode_image, eval_loader, list_shards,
                                  model_inputs, split_captions, train_loader)
-from imcap.data.shards import ShardWriter
+from imcap.data.shards import ShardWriter, iter_tar_members
 from imcap.model import Captioner, caption_loss
 from imcap.text import Vocabulary
+
+from conftest import ROOT, run_env, tiny_overrides
 
 
 def image_bytes(image: Image.Image, fmt: str) -> bytes:
@@ -141,6 +146,34 @@ def test_a_jpeg_the_device_cannot_decode_is_dropped_with_its_captions_and_counte
     assert sorted(batch["image_ids"]) == ["good0", "good1", "good2"] and batch["skipped"] == 1
     assert images.shape[0] == batch["captions"].shape[0] == len(batch["references"]) == 3
     assert [refs[0] for refs in batch["references"]] == [f"thing {key[-1]}" for key in batch["image_ids"]]
+
+
+def test_training_on_jpegs_decoded_on_the_device_counts_the_one_it_cannot_decode(demo_shards, tmp_path):
+    """The demo shards as JPEGs, one of them truncated; a whole epoch with data.jpeg_decode=device."""
+    shards = tmp_path / "jpeg"
+    for split in ("train", "val"):
+        samples = []
+        for shard in list_shards(str(demo_shards), split):
+            members = dict(iter_tar_members(shard))
+            for key in sorted(name[: -len(".png")] for name in members if name.endswith(".png")):
+                jpeg = image_bytes(Image.open(io.BytesIO(members[f"{key}.png"])).convert("RGB"), "JPEG")
+                samples.append({"__key__": key, "jpg": jpeg, "json": members[f"{key}.json"]})
+        if split == "train":  # its header reads fine: the worker passes it on
+            samples[-1]["jpg"] = samples[-1]["jpg"][: len(samples[-1]["jpg"]) * 3 // 4]
+        with ShardWriter(shards, split, max_samples=12) as writer:
+            for sample in samples:
+                writer.write(sample)
+    shutil.copy(demo_shards / "vocab.json", shards / "vocab.json")
+    done = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/demo.yaml",
+                           *tiny_overrides(shards, tmp_path, "data.jpeg_decode=device", "train.log_every=1",
+                                           "data.shuffle_buffer=200", "model.encoder.feature_stats_images=0")],
+                          cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logged if "train_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))  # 96 samples, batches of 8: each read once
+    assert sum(r["skipped_samples"] for r in steps) == 1  # the truncated one, dropped on the device
+    assert logged[-1]["images"] == 32 and logged[-1]["skipped"] == 0  # evaluation decodes in the workers
 
 
 def test_captions_come_from_json_or_txt(tmp_path):
