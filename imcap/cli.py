@@ -24,7 +24,8 @@ def cmd_demo(args) -> None:
 def cmd_eval(args) -> None:
     from imcap.evaluation import evaluate_model
 
-    scores = evaluate_model(args.model, args.split, args.out, beam_size=args.beam_size, max_images=args.max_images,
+    out = args.out or str(Path(args.model) / f"eval-{args.split}")
+    scores = evaluate_model(args.model, args.split, out, beam_size=args.beam_size, max_images=args.max_images,
                             shards=args.shards, batch_size=args.batch_size, cpu=args.cpu)
     print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
 
@@ -116,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     add_shards_commands(sub)
 
     args = parser.parse_args(argv)
-    if getattr(args, "out", "") is None:
-        args.out = str(Path(args.model) / f"eval-{args.split}")
     try:
         args.func(args)
     except ConfigError as e:

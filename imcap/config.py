@@ -37,7 +37,8 @@ class DataConfig:
     shuffle_buffer: int = 1000
     feature_cache: bool = False  # train from cached outputs of the frozen part of the encoder
     # where training JPEGs are decoded: by the data workers, or by the training process on its device
-    # (nvJPEG on a GPU), the workers then only reading bytes; evaluation always decodes in the workers
+    # (nvJPEG on a GPU, torchvision >= 0.19), the workers then only reading bytes; evaluation always
+    # decodes in the workers
     jpeg_decode: Literal["workers", "device"] = "workers"
 
 
@@ -81,7 +82,7 @@ class TrainConfig:
     clip_grad_norm: float = 5.0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     cpu: bool = False  # force CPU (and gloo) even when a GPU is visible
-    cpu_threads: int = 0  # torch threads per process on CPU; 0: the usable cores shared by this node's processes
+    cpu_threads: int = 0  # torch threads per process on CPU; 0: its share of the node's cores, less its data workers
     seed: int = 0
     log_every: int = 10  # optimizer steps
     compile: bool = False  # torch.compile the decoder step (slower than eager on an H200: bench/RESULTS.md)

@@ -124,8 +124,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
     acc = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision, log_with="tensorboard",
                       project_dir=str(cfg.run_dir), step_scheduler_with_optimizer=False)
     if acc.device.type == "cpu":  # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
-        torch.set_num_threads(cfg.train.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        share = cores // int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+        torch.set_num_threads(cfg.train.cpu_threads or max(1, share - cfg.data.num_workers))  # workers decode beside it
     logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     return acc

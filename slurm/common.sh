@@ -85,7 +85,7 @@ run_passing_signals() {
     (trap '' USR1; exec "$@") &
     launcher=$!
     while kill -0 "$launcher" 2>/dev/null; do wait "$launcher"; done  # a trap ends `wait` early: wait again
-    trap - USR1 TERM
+    trap "" USR1 TERM  # from here a late signal must not end this shell before finish()
     wait "$launcher"  # bash keeps the exit status of a finished background process for this
 }
 

@@ -1,5 +1,6 @@
 """The frozen-feature cache: `imcap features build`, training from it, refusing a mismatched cache."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -14,9 +15,12 @@ from imcap.train import train
 
 @pytest.fixture(scope="module")
 def cache(demo_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache")
-    assert imcap(["features", "build", "--config", str(ROOT / "configs" / "demo.yaml"), f"data.shards={demo_shards}",
-                  "--out", str(out), "--dtype", "fp32"]) == 0
+    """Built where training looks for it: <data.shards>/features/<digest>/ (no --out)."""
+    source = tmp_path_factory.mktemp("source") / "demo"
+    shutil.copytree(demo_shards, source)
+    assert imcap(["features", "build", "--config", str(ROOT / "configs" / "demo.yaml"), f"data.shards={source}",
+                  "--dtype", "fp32"]) == 0
+    [out] = (source / "features").iterdir()
     return out
 
 

@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from imcap.config import load_config
-from imcap.data.pipeline import (Collate, DataError, count_samples, decode_image, eval_loader, list_shards,
-                                 model_inputs, split_captions, train_loader)
+from imcap.data.pipeline import (Collate, DataError, SampleError, count_samples, decode_image, decode_sample,
+                                 eval_loader, jpeg_for_device, list_shards, model_inputs, split_captions,
+                                 train_loader)
 from imcap.data.shards import ShardWriter, iter_tar_members
 from imcap.model import Captioner, caption_loss
 from imcap.text import Vocabulary
@@ -134,22 +135,36 @@ def test_jpegs_decoded_on_the_device_are_the_images_the_workers_decode(tmp_path)
     assert difference.mean() < 2 and difference.amax() < 40, [(k, d.mean().item()) for k, d in zip(on_device["image_ids"], difference)]
 
 
-def test_a_jpeg_the_device_cannot_decode_is_dropped_with_its_captions_and_counted(tmp_path):
+def without_scan(jpeg: bytes) -> bytes:
+    """A JPEG cut before its scan, end marker kept: its header reads, no decoder decodes it."""
+    return jpeg[: jpeg.index(b"\xff\xda")] + b"\xff\xd9"
+
+
+def test_a_jpeg_that_decodes_neither_on_the_device_nor_with_pil_is_dropped_with_its_captions_and_counted(tmp_path):
     good = [image_bytes(smooth_picture(300, 200, i), "JPEG") for i in range(3)]
     with ShardWriter(tmp_path, "train", max_samples=100) as writer:
         for i, data in enumerate(good):
             writer.write(sample(f"good{i}", data, "jpg", [f"thing {i}"]))
-        writer.write(sample("truncated", good[0][: len(good[0]) * 3 // 4], "jpg"))  # its header reads fine
+        writer.write(sample("noscan", without_scan(good[0]), "jpg"))
     batch = one_batch(tmp_path, True, 4)
-    assert sorted(batch["image_ids"]) == ["good0", "good1", "good2", "truncated"]
+    assert sorted(batch["image_ids"]) == ["good0", "good1", "good2", "noscan"]
     images = model_inputs(batch, "cpu")["images"]
     assert sorted(batch["image_ids"]) == ["good0", "good1", "good2"] and batch["skipped"] == 1
     assert images.shape[0] == batch["captions"].shape[0] == len(batch["references"]) == 3
     assert [refs[0] for refs in batch["references"]] == [f"thing {key[-1]}" for key in batch["image_ids"]]
 
 
+def test_a_truncated_jpeg_stays_with_the_worker_which_skips_it():
+    """nvJPEG decodes a truncated JPEG without an error; one without its end marker never reaches it."""
+    jpeg = image_bytes(smooth_picture(300, 200, 0), "JPEG")
+    truncated = jpeg[: len(jpeg) * 3 // 4]
+    assert jpeg_for_device(jpeg, 64, None) is not None and jpeg_for_device(truncated, 64, None) is None
+    with pytest.raises(SampleError):
+        decode_sample(sample("truncated", truncated, "jpg"), 64, None, jpeg_on_device=True)
+
+
 def test_training_on_jpegs_decoded_on_the_device_counts_the_one_it_cannot_decode(demo_shards, tmp_path):
-    """The demo shards as JPEGs, one of them truncated; a whole epoch with data.jpeg_decode=device."""
+    """The demo shards as JPEGs, one without its scan; a whole epoch with data.jpeg_decode=device."""
     shards = tmp_path / "jpeg"
     for split in ("train", "val"):
         samples = []
@@ -159,7 +174,7 @@ def test_training_on_jpegs_decoded_on_the_device_counts_the_one_it_cannot_decode
                 jpeg = image_bytes(Image.open(io.BytesIO(members[f"{key}.png"])).convert("RGB"), "JPEG")
                 samples.append({"__key__": key, "jpg": jpeg, "json": members[f"{key}.json"]})
         if split == "train":  # its header reads fine: the worker passes it on
-            samples[-1]["jpg"] = samples[-1]["jpg"][: len(samples[-1]["jpg"]) * 3 // 4]
+            samples[-1]["jpg"] = without_scan(samples[-1]["jpg"])
         with ShardWriter(shards, split, max_samples=12) as writer:
             for sample in samples:
                 writer.write(sample)
@@ -172,7 +187,7 @@ def test_training_on_jpegs_decoded_on_the_device_counts_the_one_it_cannot_decode
     logged = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in logged if "train_loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 13))  # 96 samples, batches of 8: each read once
-    assert sum(r["skipped_samples"] for r in steps) == 1  # the truncated one, dropped on the device
+    assert sum(r["skipped_samples"] for r in steps) == 1  # the one without a scan, dropped in the training process
     assert logged[-1]["images"] == 32 and logged[-1]["skipped"] == 0  # evaluation decodes in the workers
 
 
@@ -225,6 +240,17 @@ def test_too_few_shards_for_processes_times_workers_is_an_error_saying_how_to_fi
     shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards)
     with pytest.raises(DataError, match="8 training shards cannot feed 2 processes x 5 data workers.*num_workers to 4"):
         train_loader(shards, collate, rank=0, world_size=2, num_batches=1, skip=0, num_workers=5, **TRAIN)
+
+
+def test_the_trainer_uses_fewer_workers_when_the_shards_are_too_few_and_says_so(demo_shards, caplog):
+    from imcap.data.dataset import CaptionData
+
+    cfg = load_config(None, [f"data.shards={demo_shards}", "data.num_workers=5"])
+    data = CaptionData(cfg, Vocabulary.load(demo_shards / "vocab.json"), list_shards(str(demo_shards), "train"),
+                       list_shards(str(demo_shards), "val"), 96)
+    loader = data.train_loader(epoch=0, skip=0, num_batches=1, rank=0, world_size=2)
+    assert loader.num_workers == 4  # 8 shards for 2 processes
+    assert "data.num_workers=5, but 8 train shards feed only 4 workers in each of 2 processes" in caplog.text
 
 
 @pytest.mark.parametrize("world, workers", [(1, 0), (2, 1), (3, 2)])

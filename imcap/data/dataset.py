@@ -28,10 +28,15 @@ class CaptionData:
 
     def train_loader(self, *, epoch: int, skip: int, num_batches: int, rank: int, world_size: int):
         d = self.cfg.data
+        workers = min(d.num_workers, len(self.train_shards) // world_size)  # each needs shards of its own
+        if workers < d.num_workers:
+            log.warning("data.num_workers=%d, but %d train shards feed only %d workers in each of %d processes: "
+                        "using %d (write smaller shards for more)", d.num_workers, len(self.train_shards),
+                        workers, world_size, workers)
         return train_loader(self.train_shards, self.collate, rank=rank, world_size=world_size, epoch=epoch,
                             seed=self.cfg.train.seed, num_batches=num_batches, skip=skip, batch_size=d.batch_size,
                             image_size=d.image_size, random_crop=d.train_crop == "random",
-                            shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
+                            shuffle_buffer=d.shuffle_buffer, num_workers=workers,
                             jpeg_on_device=d.jpeg_decode == "device")
 
     def with_shards(self, source: str) -> CaptionData:

@@ -107,7 +107,11 @@ def crop_box(width: int, height: int, size: int, rng: random.Random | None) -> t
 
 def resize_crop(image: Image.Image, size: int, rng: random.Random | None) -> torch.Tensor:
     """-> (3, size, size) uint8, placed by crop_box; normalisation happens on the device, inside the encoder."""
-    w, h, left, top = crop_box(*image.size, size, rng)
+    return place(image, crop_box(*image.size, size, rng), size)
+
+
+def place(image: Image.Image, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    w, h, left, top = box
     if image.size != (w, h):
         image = image.resize((w, h), Image.BILINEAR)
     image = image.crop((left, top, left + size, top + size))
@@ -116,9 +120,10 @@ def resize_crop(image: Image.Image, size: int, rng: random.Random | None) -> tor
 
 def jpeg_for_device(data: bytes, size: int, rng: random.Random | None) -> dict | None:
     """A JPEG left for the training process to decode (nvJPEG on a GPU), with its crop from the
-    header alone; None for what the device decoder does not take (not a JPEG, CMYK, 16-bit...)."""
+    header alone; None for what the device decoder does not take (not a JPEG, CMYK, 16-bit...) and
+    for a JPEG without its end marker: nvJPEG decodes a truncated file without an error, PIL refuses it."""
     image = Image.open(io.BytesIO(data))  # reads the header; a bad one raises, and the sample is skipped
-    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+    if image.format not in ("JPEG", "MPO") or image.mode not in ("RGB", "L") or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
         return None
     return {"bytes": torch.frombuffer(bytearray(data), dtype=torch.uint8),
             "box": torch.tensor([*crop_box(*image.size, size, rng), size])}  # (w, h, left, top, size)
@@ -215,9 +220,9 @@ def pack_jpegs(samples: list[dict]) -> dict:
 
 def decode_jpegs(batch: dict, device) -> torch.Tensor:
     """The images of a batch from pack_jpegs, decoded on the device: (B', 3, S, S) uint8. A JPEG the
-    device cannot decode is dropped with its captions (from every field of `batch`) and counted in
-    batch["skipped"], as a worker would have skipped it."""
-    packed = batch["jpegs"]
+    device refuses is decoded here by PIL; one that PIL refuses too is dropped with its captions (from
+    every field of `batch`) and counted in batch["skipped"], as a worker would have skipped it."""
+    packed = batch.pop("jpegs")
     ends = packed["ends"].tolist()
     starts = [0] + ends[:-1]
     on_device = [i for i in range(len(ends)) if ends[i] > starts[i]]
@@ -231,16 +236,23 @@ def decode_jpegs(batch: dict, device) -> torch.Tensor:
     out, keep = [], []
     for i, (w, h, left, top, size) in enumerate(packed["boxes"].tolist()):
         if i not in decoded:
-            out.append(next(worker_decoded).to(device, non_blocking=True))
+            image = next(worker_decoded).to(device, non_blocking=True)
         elif decoded[i] is not None:
             image = F.resize(decoded[i], [h, w], antialias=True) if decoded[i].shape[1:] != (h, w) else decoded[i]
-            out.append(image[:, top:top + size, left:left + size])
+            image = image[:, top:top + size, left:left + size]
         else:
-            continue
+            try:
+                jpeg = Image.open(io.BytesIO(packed["bytes"][starts[i]:ends[i]].numpy().tobytes())).convert("RGB")
+                image = place(jpeg, (w, h, left, top), size).to(device)
+            except Exception as e:  # what a worker's decode would have skipped
+                log.warning("skipping sample %s: its JPEG decodes neither on %s nor with PIL: %s",
+                            batch["image_ids"][i], device, e)
+                continue
+        out.append(image)
         keep.append(i)
+    if not keep:
+        raise DataError(f"no image of a training batch could be decoded: {batch['image_ids']}")
     if len(keep) < len(ends):
-        log.warning("skipping %d sample(s) whose JPEG could not be decoded on %s: %s", len(ends) - len(keep),
-                    device, [batch["image_ids"][i] for i in range(len(ends)) if i not in keep])
         batch["skipped"] += len(ends) - len(keep)
         batch["captions"] = batch["captions"][keep]
         for key in ("references", "image_ids"):
