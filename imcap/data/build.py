@@ -28,12 +28,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
 from imcap.data import sources
-from imcap.data.pipeline import DataError, SampleError, decode_image, decode_sample
+from imcap.data.pipeline import DataError, SampleError, decode_image, decode_sample, list_shards
 from imcap.data.shards import SIZES_FILE, ShardWriter, read_sizes, update_sizes
 from imcap.data.sources import Problem, Record, Source, SourceError, read_shard
 from imcap.text import VOCAB_FILE, Vocabulary
@@ -272,22 +271,10 @@ def check_shard(shard: str) -> ShardCheck:
     return ShardCheck(shard, samples, bad, errors[0] if errors else "")
 
 
-def shards_at(spec: str) -> list[str]:
-    """Every .tar in a directory (any split, img2dataset's 00000.tar too), or those a brace/glob pattern names."""
-    if Path(spec).is_dir():
-        shards = sorted(str(p) for p in Path(spec).glob("*.tar"))
-    else:
-        shards = sorted(p for pattern in wds.shardlists.expand_urls(spec) for p in glob.glob(pattern))
-    if not shards:
-        raise DataError(f"no .tar shards at {spec}: expected a directory of shards or a pattern like "
-                        "dir/train-{000000..000009}.tar")
-    return shards
-
-
 def check_shards(spec: str, workers: int = 1, fix_sizes: bool = False) -> tuple[list[str], str]:
     """Decode every sample of every shard and compare the counts with sizes.json.
     -> (problems, each naming its shard and where possible its key; a summary line)."""
-    shards = shards_at(spec)
+    shards = list_shards(spec)  # every .tar of a directory, any split
     with _ordered_map(min(workers, len(shards))) as ordered_map:
         checks = list(tqdm(ordered_map(check_shard, shards), total=len(shards), desc="check", unit="shard",
                            disable=None))

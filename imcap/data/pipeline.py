@@ -55,15 +55,17 @@ class SampleError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- shards
 
-def list_shards(spec: str, split: str) -> list[str]:
-    """A directory (its `{split}-*.tar`) or a brace/glob pattern -> sorted shard paths."""
+def list_shards(spec: str, split: str | None = None) -> list[str]:
+    """A directory (its `{split}-*.tar`; every .tar without a split, img2dataset's 00000.tar too) or a
+    brace/glob pattern -> sorted shard paths."""
     if Path(spec).is_dir():
-        shards = sorted(glob.glob(str(Path(spec) / f"{split}-*.tar")))
+        shards = sorted(glob.glob(str(Path(spec) / (f"{split}-*.tar" if split else "*.tar"))))
     else:
         shards = sorted(p for pattern in wds.shardlists.expand_urls(spec) for p in glob.glob(pattern))
     if not shards:
-        raise DataError(f"no shards for split {split!r} at {spec}: expected {split}-NNNNNN.tar files in that "
-                        "directory (build them with `imcap shards build`) or a pattern like dir/train-{000000..000009}.tar")
+        what, files = (f"shards for split {split!r}", f"{split}-NNNNNN.tar") if split else (".tar shards", ".tar")
+        raise DataError(f"no {what} at {spec}: expected {files} files in that directory (build them with "
+                        "`imcap shards build`) or a pattern like dir/train-{000000..000009}.tar")
     return shards
 
 
