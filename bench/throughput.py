@@ -9,7 +9,7 @@ measured under the same conditions. The reference trains `--batch` rows, one ima
 each (batch/k images, each repeated for its k captions); imcap trains `--images` images with k
 captions each, one encoder pass per image. Rates are caption samples (image-caption pairs) per second. Modes: the encoder frozen or its layer4 trained, and imcap
 reading cached encoder features (`imcap features build`) instead of images. With --e2e the batches
-come from JPEG shards in memory (/dev/shm) through imcap's own pipeline, decoded by data workers or
+come from JPEG shards in memory (/dev/shm) through imcap's own data path, decoded by data workers or
 (--decode device) on the device.
 """
 from __future__ import annotations
@@ -122,26 +122,27 @@ def device_batches(args, images: int, device):
 
 
 def shard_batches(args, images: int, device, shard_dir: str):
-    """Batches from JPEG shards in memory through imcap's pipeline and data workers."""
-    from imcap.data.pipeline import (Collate, batches_per_epoch, count_samples, list_shards, model_inputs,
-                                     train_loader)
+    """Batches from JPEG shards in memory through imcap's data path: its pipeline and data workers,
+    then DeviceBatches (the copy to the device, and decoding there, a few batches ahead), as the trainer reads them."""
+    from imcap.data.pipeline import Collate, batches_per_epoch, count_samples, list_shards, model_inputs, train_loader
+    from imcap.data.prefetch import DeviceBatches
     from imcap.text import Vocabulary
 
     shards = list_shards(shard_dir, "train")
-    # A small sample set is read round and round in one loader, so that the timing holds data
-    # workers' decoding, not their start at each short epoch; every worker needs shards of its own.
-    shards *= max(-(-args.workers // len(shards)), -(-20 * images // count_samples(shards)))
+    shards *= -(-args.workers // len(shards))  # every worker needs shards of its own
     vocab = Vocabulary.load(Path(shard_dir) / "vocab.json")
-    epoch = 0
-    while True:
-        loader = train_loader(shards, Collate(vocab, args.length - 1, args.captions), rank=0, world_size=1, epoch=epoch,
-                              seed=0, num_batches=batches_per_epoch(count_samples(shards), images, 1, 1), skip=0,
-                              batch_size=images, image_size=args.image_size, random_crop=True, shuffle_buffer=1000,
-                              num_workers=args.workers, jpeg_on_device=args.decode == "device")
+    loader = train_loader(shards, Collate(vocab, args.length - 1, args.captions), rank=0, world_size=1, epoch=0,
+                          seed=0, num_batches=batches_per_epoch(count_samples(shards), images, 1, 1), skip=0,
+                          batch_size=images, image_size=args.image_size, random_crop=True, shuffle_buffer=1000,
+                          num_workers=args.workers, jpeg_on_device=args.decode == "device", epochs=10**6)
+    if args.ahead == 0:  # the batch moved and decoded in the training thread, between steps
         for batch in loader:
-            pictures = model_inputs(batch, device)["images"]  # before the captions: decoding may drop samples
-            yield pictures, batch["captions"].to(device, non_blocking=True)
-        epoch += 1
+            images = model_inputs(batch, device)["images"]  # before the captions: decoding may drop samples
+            yield images, batch["captions"].to(device, non_blocking=True)
+    else:
+        with DeviceBatches(loader, device, args.ahead) as batches:  # closed with this generator: the workers stop
+            for batch in batches:
+                yield batch["inputs"]["images"], batch["captions"]
 
 
 def pipeline_rate(shard_dir: str, image_size: int, seconds: float = 20.0) -> float:
@@ -171,6 +172,8 @@ def main():
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     parser.add_argument("--decode", choices=["workers", "device"], default="workers",
                         help="with --e2e: where JPEGs are decoded (imcap's data.jpeg_decode)")
+    parser.add_argument("--ahead", type=int, default=2,
+                        help="with --e2e: batches DeviceBatches prepares ahead in its thread; 0: none, no thread")
     parser.add_argument("--pipeline", metavar="SHARDS", help="also measure the pipeline's images/s per core on these shards")
     for key, value in SIZES["cpu"].items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value) if not isinstance(value, bool) else int,
@@ -192,7 +195,7 @@ def main():
           f"{args.captions} captions per step; "
           f"{args.image_size} px, vocabulary {args.vocab}, {args.length} decoder steps, dims {args.dim}, "
           f"{'bf16' if args.bf16 else 'fp32'}{', compiled decoder step' if args.compile else ''}"
-          f"{f', batches from JPEG shards in memory, decoded by the {args.decode}' if args.e2e else ', batches already on the device'}"
+          f"{f', batches from JPEG shards in memory, decoded by the {args.decode}, {args.ahead} ahead' if args.e2e else ', batches already on the device'}"
           " (cached features: always on the device)")
     shard_dir = None
     if args.e2e:

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from imcap.data.pipeline import Collate, eval_loader, model_inputs
+from imcap.data.pipeline import Collate, eval_loader
+from imcap.data.prefetch import DeviceBatches
 from imcap.distributed import broadcast_object, gather_objects
 from imcap.metrics import caption_scores
 from imcap.model import caption_loss
@@ -41,18 +42,18 @@ class Evaluator:
                              num_workers=self.num_workers)
         loss_sum = torch.zeros(2, dtype=torch.float64, device=acc.device)  # (summed token cross-entropy, tokens)
         results, skipped = [], 0
-        for batch in loader:
-            inputs = model_inputs(batch, acc.device)
-            captions = batch["captions"].to(acc.device)
-            with acc.autocast():
-                logits, alphas = model(captions, **inputs)
-                _, xent = caption_loss(logits, alphas, captions, self.vocab.pad, self.alpha_c)
-                decoded = decode(model, self.vocab.start, self.vocab.end, self.max_length, **self.beam, **inputs)
-            tokens = (captions[:, :, 1:] != self.vocab.pad).sum().item()
-            loss_sum += torch.tensor([xent.item() * tokens, tokens], dtype=torch.float64, device=acc.device)
-            skipped += batch["skipped"]
-            results += [(i, self.vocab.decode(t), refs)
-                        for i, t, refs in zip(batch["image_ids"], decoded.tokens, batch["references"])]
+        with DeviceBatches(loader, acc.device) as batches:
+            for batch in batches:
+                inputs, captions = batch["inputs"], batch["captions"]
+                with acc.autocast():
+                    logits, alphas = model(captions, **inputs)
+                    _, xent = caption_loss(logits, alphas, captions, self.vocab.pad, self.alpha_c)
+                    decoded = decode(model, self.vocab.start, self.vocab.end, self.max_length, **self.beam, **inputs)
+                tokens = (captions[:, :, 1:] != self.vocab.pad).sum().item()
+                loss_sum += torch.tensor([xent.item() * tokens, tokens], dtype=torch.float64, device=acc.device)
+                skipped += batch["skipped"]
+                results += [(i, self.vocab.decode(t), refs)
+                            for i, t, refs in zip(batch["image_ids"], decoded.tokens, batch["references"])]
         model.train(was_training)
         loss_sum = acc.reduce(loss_sum, reduction="sum")
         gathered = gather_objects(acc, (results, skipped))

@@ -24,6 +24,7 @@ from imcap import features as feature_cache
 from imcap.checkpoint import Checkpointer, TrainState, check_compatible, load_checkpoint, resolve_resume
 from imcap.config import Config, save_config, to_dict
 from imcap.data.dataset import CaptionData, prepare_data
+from imcap.data.prefetch import DeviceBatches
 from imcap.data.pipeline import batches_per_epoch, eval_loader, model_inputs
 from imcap.distributed import EXIT_PREEMPTED, StopFlag, broadcast_object, gather_objects
 from imcap.evaluation import Evaluator
@@ -67,32 +68,34 @@ def train(cfg: Config) -> dict:
               f"process(es), {steps_per_epoch} steps per epoch, {total_steps} steps")
     progress = tqdm(total=total_steps, initial=state.step, disable=not acc.is_main_process, dynamic_ncols=True)
     scores = {}
-    for epoch in range(state.epoch, cfg.train.epochs):
-        batches = iter(data.train_loader(epoch=epoch, skip=state.batches_in_epoch,
-                                         num_batches=steps_per_epoch * cfg.train.grad_accum_steps,
-                                         rank=acc.process_index, world_size=acc.num_processes))
-        while state.batches_in_epoch < steps_per_epoch * cfg.train.grad_accum_steps:
-            micro_batches = list(itertools.islice(batches, cfg.train.grad_accum_steps))
-            step_metrics = train_step(model, optimizer, scheduler, micro_batches, data.vocab.pad, cfg, acc)
-            state.step += 1
-            state.batches_in_epoch += len(micro_batches)
-            metrics.update(step_metrics, micro_batches)
-            progress.update()
-            if state.step % cfg.train.log_every == 0:
-                progress.set_postfix(metrics.log_train(state, scheduler.get_last_lr()[0]))
-            if stopped_by := stop.agreed(acc):  # every rank saves the same step, then exits
-                checkpointer.save(state, model, optimizer, scheduler, data.vocab, cfg)
-                acc.print(f"stopped by {stopped_by} at step {state.step}; checkpoint saved, exiting with {EXIT_PREEMPTED}")
-                acc.end_training()
-                sys.exit(EXIT_PREEMPTED)
-            if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
-                scores = evaluate(evaluator, model, state, metrics, cfg, final=state.step == total_steps)
-            if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
-                checkpointer.save(state, model, optimizer, scheduler, data.vocab, cfg, best_score(scores, cfg))
-        state.epoch, state.batches_in_epoch = epoch + 1, 0
-        if not cfg.eval.every_steps:
-            scores = evaluate(evaluator, model, state, metrics, cfg, final=epoch + 1 == cfg.train.epochs)
-        checkpointer.save(state, model, optimizer, scheduler, data.vocab, cfg, best_score(scores, cfg))
+    batches_in_epoch = steps_per_epoch * cfg.train.grad_accum_steps
+    loader = data.train_loader(epoch=state.epoch, epochs=cfg.train.epochs - state.epoch, skip=state.batches_in_epoch,
+                               num_batches=batches_in_epoch, rank=acc.process_index, world_size=acc.num_processes)
+    with DeviceBatches(loader, acc.device) as batches:  # one loader for all epochs: its workers start once
+        for epoch in range(state.epoch, cfg.train.epochs):
+            while state.batches_in_epoch < batches_in_epoch:
+                micro_batches = list(itertools.islice(batches, cfg.train.grad_accum_steps))
+                step_metrics = train_step(model, optimizer, scheduler, micro_batches, data.vocab.pad, cfg, acc)
+                state.step += 1
+                state.batches_in_epoch += len(micro_batches)
+                metrics.update(step_metrics, micro_batches)
+                progress.update()
+                if state.step % cfg.train.log_every == 0:
+                    progress.set_postfix(metrics.log_train(state, scheduler.get_last_lr()[0]))
+                if stopped_by := stop.agreed(acc):  # every rank saves the same step, then exits
+                    checkpointer.save(state, model, optimizer, scheduler, data.vocab, cfg)
+                    acc.print(f"stopped by {stopped_by} at step {state.step}; checkpoint saved, "
+                              f"exiting with {EXIT_PREEMPTED}")
+                    acc.end_training()
+                    sys.exit(EXIT_PREEMPTED)
+                if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
+                    scores = evaluate(evaluator, model, state, metrics, cfg, final=state.step == total_steps)
+                if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
+                    checkpointer.save(state, model, optimizer, scheduler, data.vocab, cfg, best_score(scores, cfg))
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+            if not cfg.eval.every_steps:
+                scores = evaluate(evaluator, model, state, metrics, cfg, final=epoch + 1 == cfg.train.epochs)
+            checkpointer.save(state, model, optimizer, scheduler, data.vocab, cfg, best_score(scores, cfg))
     progress.close()
     if not scores:  # resumed after the end: nothing was trained, report the model as it is
         scores = evaluate(evaluator, model, state, metrics, cfg, final=True)
@@ -107,9 +110,8 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], pad_id: i
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with nullcontext() if last else acc.no_sync(model):  # all-reduce gradients once per step
-            inputs = model_inputs(batch, acc.device)
-            captions = batch["captions"].to(acc.device, non_blocking=True)
-            logits, alphas = model(captions, **inputs)
+            captions = batch["captions"]  # (B, k, T), on the device with batch["inputs"] (DeviceBatches)
+            logits, alphas = model(captions, **batch["inputs"])
             loss, xent = caption_loss(logits, alphas, captions, pad_id, cfg.model.decoder.alpha_c)
             acc.backward(loss / len(micro_batches))
         losses.append(xent.detach())

@@ -11,6 +11,7 @@ from accelerate.utils import set_seed
 from imcap.config import load_config
 from imcap.data.dataset import prepare_data
 from imcap.data.pipeline import batches_per_epoch
+from imcap.data.prefetch import DeviceBatches
 from imcap.model import Captioner
 from imcap.train import make_accelerator, make_optimizer, make_scheduler, train_step
 
@@ -26,8 +27,8 @@ if __name__ == "__main__":
     model, optimizer = acc.prepare(model, optimizer)
     num_batches = batches_per_epoch(data.num_train_samples, cfg.data.batch_size, acc.num_processes, 1)
     seen, batches = [], 0
-    for batch in data.train_loader(epoch=0, skip=0, num_batches=num_batches, rank=acc.process_index,
-                                   world_size=acc.num_processes):
+    for batch in DeviceBatches(data.train_loader(epoch=0, skip=0, num_batches=num_batches, rank=acc.process_index,
+                                                 world_size=acc.num_processes), acc.device):
         train_step(model, optimizer, scheduler, [batch], data.vocab.pad, cfg, acc)
         seen += batch["image_ids"]
         batches += 1

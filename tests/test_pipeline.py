@@ -236,6 +236,22 @@ def test_resuming_inside_an_epoch_yields_exactly_the_batches_not_yet_seen(demo_s
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["captions"], b["captions"])
 
 
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_one_loader_through_several_epochs_yields_each_epoch_as_its_own_loader_would(demo_shards, workers):
+    """The trainer's loader runs through all epochs (its workers start once); resumed mid-epoch, it
+    first yields the rest of that epoch. 7 batches an epoch: the workers' turns shift at every epoch."""
+    shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards, k=2)
+    kw = {**TRAIN, "rank": 0, "world_size": 1, "num_batches": 7, "num_workers": workers}
+    by_epoch = [list(train_loader(shards, collate, skip=2 if epoch == 1 else 0, **{**kw, "epoch": epoch}))
+                for epoch in (1, 2, 3)]
+    assert [len(e) for e in by_epoch] == [5, 7, 7] and by_epoch[1][0]["image_ids"] != by_epoch[2][0]["image_ids"]
+    through = list(train_loader(shards, collate, skip=2, epochs=3, **{**kw, "epoch": 1}))
+    expected = [b for epoch in by_epoch for b in epoch]
+    assert [b["image_ids"] for b in through] == [b["image_ids"] for b in expected]
+    assert all(torch.equal(a["images"], b["images"]) and torch.equal(a["captions"], b["captions"])
+               for a, b in zip(through, expected))
+
+
 def test_too_few_shards_for_processes_times_workers_is_an_error_saying_how_to_fix_it(demo_shards):
     shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards)
     with pytest.raises(DataError, match="8 training shards cannot feed 2 processes x 5 data workers.*num_workers to 4"):

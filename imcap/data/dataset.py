@@ -26,7 +26,7 @@ class CaptionData:
     def collate(self) -> Collate:
         return Collate(self.vocab, self.cfg.text.max_length, self.cfg.data.captions_per_image)
 
-    def train_loader(self, *, epoch: int, skip: int, num_batches: int, rank: int, world_size: int):
+    def train_loader(self, *, epoch: int, skip: int, num_batches: int, rank: int, world_size: int, epochs: int = 1):
         d = self.cfg.data
         workers = min(d.num_workers, len(self.train_shards) // world_size)  # each needs shards of its own
         if workers < d.num_workers:
@@ -37,7 +37,7 @@ class CaptionData:
                             seed=self.cfg.train.seed, num_batches=num_batches, skip=skip, batch_size=d.batch_size,
                             image_size=d.image_size, random_crop=d.train_crop == "random",
                             shuffle_buffer=d.shuffle_buffer, num_workers=workers,
-                            jpeg_on_device=d.jpeg_decode == "device")
+                            jpeg_on_device=d.jpeg_decode == "device", epochs=epochs)
 
     def with_shards(self, source: str) -> CaptionData:
         """The same dataset read from other shards of the same splits (a feature cache)."""

@@ -8,7 +8,7 @@ Training, per epoch (everything a pure function of seed, epoch, rank and worker)
 Every rank yields the same number of batches per epoch, computed from sizes.json, and each worker
 yields its share of them (a worker whose shards run out reads them again), so no rank waits for
 another at the end of an epoch. Resuming inside an epoch replays the same order and drops the
-batches already trained on.
+batches already trained on. One loader runs through all of a run's epochs: its data workers start once.
 
 Evaluation reads every shard of the split in order; each rank (and worker) keeps every
 (world*workers)-th sample, so the split is covered exactly once whatever its size.
@@ -327,7 +327,9 @@ def _batches(samples, decode, collate, batch_size: int, counter: _SkipCounter, r
 
 @dataclass
 class TrainStream(IterableDataset):
-    """Exactly `num_batches` batches for this rank in one epoch, minus the `skip` already trained on."""
+    """Exactly `num_batches` batches for this rank in each of `epochs` epochs from `epoch` on, minus the
+    `skip` of the first epoch already trained on. One loader serves every epoch, so its data workers
+    start once per run, not once per epoch."""
 
     shards: list[str]
     collate: Collate
@@ -342,18 +344,26 @@ class TrainStream(IterableDataset):
     random_crop: bool
     shuffle_buffer: int
     jpeg_on_device: bool = False
+    epochs: int = 1
 
     def __iter__(self):
         slot, workers = _worker()
-        # DataLoader takes batch i from worker slot i % workers; after `skip` batches, slot 0 must
-        # produce what worker (skip % workers) would have produced next, so slots play shifted roles.
-        worker = (slot + self.skip) % workers
+        handed_out = 0
+        for epoch in range(self.epoch, self.epoch + self.epochs):
+            skip = self.skip if epoch == self.epoch else 0
+            # DataLoader takes its batch g from worker slot g % workers. Worker w of an epoch makes the
+            # epoch's batches w, w + workers, ...; the epoch's batch `skip` is the loader's batch
+            # `handed_out`, so slot s plays worker (s - handed_out + skip) % workers.
+            yield from self._epoch(epoch, skip, (slot - handed_out + skip) % workers, workers)
+            handed_out += self.num_batches - skip
+
+    def _epoch(self, epoch: int, skip: int, worker: int, workers: int):
         mine = len(range(worker, self.num_batches, workers))
-        done = len(range(worker, self.skip, workers))
-        rng = _seeded(self.seed, self.epoch, self.rank, worker)
+        done = len(range(worker, skip, workers))
+        rng = _seeded(self.seed, epoch, self.rank, worker)
         counter = _SkipCounter()
         decode_rng = rng if self.random_crop else None
-        batches = _batches(self._samples(worker, workers, rng, counter),
+        batches = _batches(self._samples(epoch, worker, workers, rng, counter),
                            lambda s: decode_sample(s, self.image_size, decode_rng, self.jpeg_on_device), self.collate,
                            self.batch_size, counter, rng)
         for i, batch in enumerate(batches):
@@ -362,16 +372,16 @@ class TrainStream(IterableDataset):
             if i >= done:
                 yield batch
 
-    def _samples(self, worker: int, workers: int, rng: random.Random, counter: _SkipCounter):
+    def _samples(self, epoch: int, worker: int, workers: int, rng: random.Random, counter: _SkipCounter):
         """This worker's shards (split by node, then by worker), shuffled; read again in a new order
         while it still owes batches. Each pass is shuffled on its own, so a sample repeats within an
         epoch only when the worker's shards hold fewer samples than its share of the epoch."""
         order = list(self.shards)
-        _seeded(self.seed, self.epoch).shuffle(order)
+        _seeded(self.seed, epoch).shuffle(order)
         mine = order[self.rank :: self.world_size][worker::workers]
         for repeat in itertools.count():
             if repeat:
-                _seeded(self.seed, self.epoch, self.rank, worker, repeat).shuffle(mine)
+                _seeded(self.seed, epoch, self.rank, worker, repeat).shuffle(mine)
             read = 0
             for sample in wds.DataPipeline(lambda: ({"url": u} for u in mine),
                                            wds.tarfile_to_samples(handler=counter.handler),
@@ -424,14 +434,14 @@ def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, grad_a
 
 def train_loader(shards: list[str], collate: Collate, *, rank: int, world_size: int, epoch: int, seed: int,
                  num_batches: int, skip: int, batch_size: int, image_size: int, random_crop: bool,
-                 shuffle_buffer: int, num_workers: int, jpeg_on_device: bool = False) -> DataLoader:
+                 shuffle_buffer: int, num_workers: int, jpeg_on_device: bool = False, epochs: int = 1) -> DataLoader:
     if len(shards) < world_size * max(1, num_workers):
         raise DataError(
             f"{len(shards)} training shards cannot feed {world_size} processes x {max(1, num_workers)} data "
             f"workers (each needs at least one shard): write more, smaller shards (`imcap shards build "
             f"--shard-size`), or lower data.num_workers to {max(0, len(shards) // world_size)}")
     stream = TrainStream(shards, collate, rank, world_size, epoch, seed, num_batches, skip, batch_size,
-                         image_size, random_crop, shuffle_buffer, jpeg_on_device)
+                         image_size, random_crop, shuffle_buffer, jpeg_on_device, epochs)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=4 if num_workers else None, generator=_quiet_generator())
 

@@ -1,0 +1,92 @@
+"""The last stage of the data path: batches moved to the device (and their JPEGs decoded there) a few
+batches ahead of the step, in a thread of their own and, on a GPU, on a CUDA stream of their own.
+
+Without it the training thread does this work between steps while the GPU waits: receiving the
+batch from the loader, copying it, decoding its JPEGs with nvJPEG. With it that work overlaps the
+step, which on a GPU is mostly the training thread launching kernels and waiting for them.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable
+from contextlib import nullcontext
+
+import torch
+
+from imcap.data.pipeline import model_inputs
+
+_END = object()
+
+
+class DeviceBatches:
+    """Iterates `batches` with batch["inputs"] (the encoder's input, model_inputs) and batch["captions"]
+    on `device`, prepared up to `ahead` batches early. An error in the loader or in decoding is raised
+    here, in the training thread. Use it as a context manager, so the thread stops with the loop."""
+
+    def __init__(self, batches: Iterable[dict], device, ahead: int = 2):
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.ready: queue.Queue = queue.Queue(maxsize=ahead)
+        self.stopped = threading.Event()
+        self.finished = False
+        # the loader's iterator is made here, in the training thread: DataLoader watches its workers from there
+        self.thread = threading.Thread(target=self._fill, args=(iter(batches),), daemon=True, name="imcap-device-batches")
+        self.thread.start()
+
+    def _fill(self, batches) -> None:
+        try:
+            if self.stream is not None:
+                torch.cuda.set_device(self.device)
+            with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+                for batch in batches:
+                    if self.stream is not None:  # nvJPEG may write into memory that work queued on
+                        self.stream.synchronize()  # the calling stream still reads (pytorch/vision#9606)
+                    batch["inputs"] = model_inputs(batch, self.device)  # first: decoding may drop samples
+                    batch["captions"] = batch["captions"].to(self.device, non_blocking=True)
+                    ready = self.stream.record_event() if self.stream is not None else None
+                    if not self._put((batch, ready)):
+                        return
+            self._put(_END)
+        except BaseException as e:  # handed to the training thread, raised there
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.finished:
+            raise StopIteration
+        item = self.ready.get()
+        if item is _END:
+            self.finished = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        batch, ready = item
+        if ready is not None:
+            step_stream = torch.cuda.current_stream(self.device)
+            step_stream.wait_event(ready)
+            for tensor in (*batch["inputs"].values(), batch["captions"]):
+                tensor.record_stream(step_stream)  # made on the side stream, used on the step's: keep until done
+        return batch
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=60)  # a loader stuck for longer is left to the daemon thread
+
+    def __enter__(self) -> DeviceBatches:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,48 @@
+"""DeviceBatches: the batches ahead of the step, in a thread; same batches, same order, errors surfaced."""
+import threading
+
+import pytest
+import torch
+
+from imcap.data.pipeline import DataError, list_shards, train_loader
+from imcap.data.prefetch import DeviceBatches
+
+from test_pipeline import TRAIN, demo_collate
+
+
+def test_device_batches_are_the_loaders_batches_in_order_with_their_inputs(demo_shards):
+    kw = dict(rank=0, world_size=1, num_batches=6, skip=0, num_workers=2, **TRAIN)
+    shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards, k=2)
+    plain = list(train_loader(shards, collate, **kw))
+    with DeviceBatches(train_loader(shards, collate, **kw), "cpu") as batches:
+        prepared = list(batches)
+        assert next(batches, None) is None  # stays exhausted
+    assert [b["image_ids"] for b in prepared] == [b["image_ids"] for b in plain]
+    for p, b in zip(prepared, plain):
+        assert torch.equal(p["inputs"]["images"], b["images"]) and torch.equal(p["captions"], b["captions"])
+
+
+def failing_loader(after: int):
+    for i in range(after):
+        yield {"captions": torch.zeros(1, 1, 3, dtype=torch.long), "images": torch.zeros(1, 3, 4, 4, dtype=torch.uint8)}
+    raise DataError("no readable sample in shards/x/train-000003.tar")
+
+
+def test_an_error_in_the_loader_is_raised_in_the_training_thread_after_the_batches_before_it():
+    batches = DeviceBatches(failing_loader(2), "cpu")
+    assert len([next(batches), next(batches)]) == 2
+    with pytest.raises(DataError, match="train-000003.tar"):
+        next(batches)
+    batches.close()
+
+
+def test_closing_stops_the_thread_while_it_waits_with_batches_nobody_takes():
+    def endless():
+        while True:
+            yield {"captions": torch.zeros(1, 1, 3, dtype=torch.long), "images": torch.zeros(1, 3, 4, 4)}
+
+    with DeviceBatches(endless(), "cpu", ahead=1) as batches:
+        next(batches)
+        thread = batches.thread
+    thread.join(timeout=5)
+    assert not thread.is_alive() and "imcap-device-batches" not in [t.name for t in threading.enumerate()]
