@@ -163,16 +163,22 @@ def test_a_truncated_jpeg_stays_with_the_worker_which_skips_it():
         decode_sample(sample("truncated", truncated, "jpg"), 64, None, jpeg_on_device=True)
 
 
+def demo_as_jpegs(demo_shards: Path, split: str) -> list[dict]:
+    """The demo split's samples, their PNGs re-encoded as JPEGs."""
+    samples = []
+    for shard in list_shards(str(demo_shards), split):
+        members = dict(iter_tar_members(shard))
+        for key in sorted(name[: -len(".png")] for name in members if name.endswith(".png")):
+            jpeg = image_bytes(Image.open(io.BytesIO(members[f"{key}.png"])).convert("RGB"), "JPEG")
+            samples.append({"__key__": key, "jpg": jpeg, "json": members[f"{key}.json"]})
+    return samples
+
+
 def test_training_on_jpegs_decoded_on_the_device_counts_the_one_it_cannot_decode(demo_shards, tmp_path):
     """The demo shards as JPEGs, one without its scan; a whole epoch with data.jpeg_decode=device."""
     shards = tmp_path / "jpeg"
     for split in ("train", "val"):
-        samples = []
-        for shard in list_shards(str(demo_shards), split):
-            members = dict(iter_tar_members(shard))
-            for key in sorted(name[: -len(".png")] for name in members if name.endswith(".png")):
-                jpeg = image_bytes(Image.open(io.BytesIO(members[f"{key}.png"])).convert("RGB"), "JPEG")
-                samples.append({"__key__": key, "jpg": jpeg, "json": members[f"{key}.json"]})
+        samples = demo_as_jpegs(demo_shards, split)
         if split == "train":  # its header reads fine: the worker passes it on
             samples[-1]["jpg"] = without_scan(samples[-1]["jpg"])
         with ShardWriter(shards, split, max_samples=12) as writer:

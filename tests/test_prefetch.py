@@ -6,8 +6,9 @@ import torch
 
 from imcap.data.pipeline import DataError, list_shards, train_loader
 from imcap.data.prefetch import DeviceBatches
+from imcap.data.shards import ShardWriter
 
-from test_pipeline import TRAIN, demo_collate
+from test_pipeline import TRAIN, demo_as_jpegs, demo_collate
 
 
 def test_device_batches_are_the_loaders_batches_in_order_with_their_inputs(demo_shards):
@@ -46,3 +47,30 @@ def test_closing_stops_the_thread_while_it_waits_with_batches_nobody_takes():
         thread = batches.thread
     thread.join(timeout=5)
     assert not thread.is_alive() and "imcap-device-batches" not in [t.name for t in threading.enumerate()]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("jpeg_on_device", [False, True])
+def test_on_a_gpu_the_batches_prepared_on_a_side_stream_equal_the_cpu_ones(demo_shards, tmp_path, jpeg_on_device):
+    """Demo images as JPEGs, decoded by nvJPEG on DeviceBatches' stream, then read on the default
+    stream while the next batches are being prepared: the pixels the CPU decodes, every byte in place."""
+    with ShardWriter(tmp_path, "train", max_samples=12) as writer:
+        for sample in demo_as_jpegs(demo_shards, "train"):
+            writer.write(sample)
+    shards, collate = list_shards(str(tmp_path), "train"), demo_collate(demo_shards, k=2)
+    kw = dict(rank=0, world_size=1, num_batches=20, skip=0, num_workers=2, jpeg_on_device=jpeg_on_device,
+              epochs=2, **TRAIN)
+    with DeviceBatches(train_loader(shards, collate, **kw), "cpu") as batches:
+        expected = [(b["image_ids"], b["inputs"]["images"], b["captions"]) for b in batches]
+    seen = []
+    with DeviceBatches(train_loader(shards, collate, **kw), "cuda") as batches:
+        for batch in batches:
+            images = batch["inputs"]["images"]
+            assert images.is_cuda and batch["captions"].is_cuda
+            checksum = images.sum(dtype=torch.int64)  # on the default stream: after the copy or decode
+            seen.append((batch["image_ids"], checksum.item(), images.cpu(), batch["captions"].cpu()))
+    assert [s[0] for s in seen] == [e[0] for e in expected] and len(seen) == 40
+    for (_, checksum, images, captions), (_, cpu_images, cpu_captions) in zip(seen, expected):
+        assert checksum == images.sum(dtype=torch.int64).item()
+        assert torch.equal(captions, cpu_captions)
+        assert (images.float() - cpu_images.float()).abs().mean() < 2  # nvJPEG and libjpeg round differently

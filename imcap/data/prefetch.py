@@ -26,6 +26,8 @@ class DeviceBatches:
 
     def __init__(self, batches: Iterable[dict], device, ahead: int = 2):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # the thread sets it: it needs an index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.ready: queue.Queue = queue.Queue(maxsize=ahead)
         self.stopped = threading.Event()
