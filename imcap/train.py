@@ -228,17 +228,19 @@ class MetricsLog:
         self._reset()
 
     def _reset(self):
-        self.sums = torch.zeros(4, dtype=torch.float64)  # xent, grad norm, images, skipped
+        # xent and grad norm summed where they are, so that a step does not wait for the GPU to finish
+        self.losses = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
+        self.counts = torch.zeros(2, dtype=torch.float64)  # images, skipped samples
         self.steps, self.start = 0, time.time()
 
     def update(self, step_metrics: dict, micro_batches: list[dict]) -> None:
-        self.sums += torch.tensor([step_metrics["xent"].item(), float(step_metrics["grad_norm"]),
-                                   sum(len(b["captions"]) for b in micro_batches),
-                                   sum(b["skipped"] for b in micro_batches)], dtype=torch.float64)
+        self.losses += torch.stack([step_metrics["xent"], step_metrics["grad_norm"]]).to(self.losses)
+        self.counts += torch.tensor([sum(len(b["captions"]) for b in micro_batches),
+                                     sum(b["skipped"] for b in micro_batches)], dtype=torch.float64)
         self.steps += 1
 
     def log_train(self, state: TrainState, lr: float) -> dict:
-        totals = self.acc.reduce(self.sums.to(self.acc.device), reduction="sum").cpu()
+        totals = self.acc.reduce(torch.cat([self.losses, self.counts.to(self.acc.device)]), reduction="sum").cpu()
         seconds = time.time() - self.start
         values = {"train_loss": totals[0].item() / (self.steps * self.acc.num_processes),
                   "grad_norm": totals[1].item() / (self.steps * self.acc.num_processes),
