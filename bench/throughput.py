@@ -124,7 +124,7 @@ def device_batches(args, images: int, device):
 def shard_batches(args, images: int, device, shard_dir: str):
     """Batches from JPEG shards in memory through imcap's data path: its pipeline and data workers,
     then DeviceBatches (the copy to the device, and decoding there, a few batches ahead), as the trainer reads them."""
-    from imcap.data.pipeline import Collate, batches_per_epoch, count_samples, list_shards, model_inputs, train_loader
+    from imcap.data.pipeline import Collate, batches_per_epoch, count_samples, list_shards, train_loader
     from imcap.data.prefetch import DeviceBatches
     from imcap.text import Vocabulary
 
@@ -135,14 +135,9 @@ def shard_batches(args, images: int, device, shard_dir: str):
                           seed=0, num_batches=batches_per_epoch(count_samples(shards), images, 1, 1), skip=0,
                           batch_size=images, image_size=args.image_size, random_crop=True, shuffle_buffer=1000,
                           num_workers=args.workers, jpeg_on_device=args.decode == "device", epochs=10**6)
-    if args.ahead == 0:  # the batch moved and decoded in the training thread, between steps
-        for batch in loader:
-            images = model_inputs(batch, device)["images"]  # before the captions: decoding may drop samples
-            yield images, batch["captions"].to(device, non_blocking=True)
-    else:
-        with DeviceBatches(loader, device, args.ahead) as batches:  # closed with this generator: the workers stop
-            for batch in batches:
-                yield batch["inputs"]["images"], batch["captions"]
+    with DeviceBatches(loader, device, args.ahead) as batches:  # closed with this generator: the workers stop
+        for batch in batches:
+            yield batch["inputs"]["images"], batch["captions"]
 
 
 def pipeline_rate(shard_dir: str, image_size: int, seconds: float = 20.0) -> float:
@@ -172,8 +167,9 @@ def main():
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     parser.add_argument("--decode", choices=["workers", "device"], default="workers",
                         help="with --e2e: where JPEGs are decoded (imcap's data.jpeg_decode)")
-    parser.add_argument("--ahead", type=int, default=2,
-                        help="with --e2e: batches DeviceBatches prepares ahead in its thread; 0: none, no thread")
+    parser.add_argument("--ahead", type=int, default=None,
+                        help="with --e2e: batches DeviceBatches prepares ahead in its thread (default: 2 on a GPU, "
+                             "0 on a CPU); 0: in the training thread, between steps")
     parser.add_argument("--pipeline", metavar="SHARDS", help="also measure the pipeline's images/s per core on these shards")
     for key, value in SIZES["cpu"].items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value) if not isinstance(value, bool) else int,
@@ -187,8 +183,10 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
     if args.e2e:
+        from imcap.data.prefetch import DeviceBatches
         from imcap.text import Vocabulary
 
+        args.ahead = DeviceBatches.default_ahead(device) if args.ahead is None else args.ahead
         args.vocab = len(Vocabulary.load(Path(args.e2e) / "vocab.json"))  # the shards' captions decide it
     print(f"device: {card}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     print(f"reference: {args.batch} rows (an image and a caption each) per step; imcap: {args.images} images x "

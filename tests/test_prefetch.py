@@ -15,7 +15,7 @@ def test_device_batches_are_the_loaders_batches_in_order_with_their_inputs(demo_
     kw = dict(rank=0, world_size=1, num_batches=6, skip=0, num_workers=2, **TRAIN)
     shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards, k=2)
     plain = list(train_loader(shards, collate, **kw))
-    with DeviceBatches(train_loader(shards, collate, **kw), "cpu") as batches:
+    with DeviceBatches(train_loader(shards, collate, **kw), "cpu", ahead=2) as batches:  # a thread, as on a GPU
         prepared = list(batches)
         assert next(batches, None) is None  # stays exhausted
     assert [b["image_ids"] for b in prepared] == [b["image_ids"] for b in plain]
@@ -30,7 +30,7 @@ def failing_loader(after: int):
 
 
 def test_an_error_in_the_loader_is_raised_in_the_training_thread_after_the_batches_before_it():
-    batches = DeviceBatches(failing_loader(2), "cpu")
+    batches = DeviceBatches(failing_loader(2), "cpu", ahead=2)
     assert len([next(batches), next(batches)]) == 2
     with pytest.raises(DataError, match="train-000003.tar"):
         next(batches)
