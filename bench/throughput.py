@@ -31,6 +31,8 @@ from imcap.config import load_config  # noqa: E402
 from imcap.model import Captioner, caption_loss  # noqa: E402
 from imcap.train import make_optimizer  # noqa: E402
 
+BLOCK = 3  # timed steps of one kind in a row
+
 SIZES = {  # batch: the reference's rows (caption samples) per step; images: imcap's images per step, k captions each
     "cpu": dict(batch=40, images=8, image_size=224, vocab=1000, length=12, captions=5, dim=512, bf16=False),
     "gpu": dict(batch=256, images=256, image_size=224, vocab=10000, length=20, captions=5, dim=512, bf16=True),
@@ -108,9 +110,10 @@ def compare(args, device, train_layer4: bool, reference_batches, imcap_batches) 
         for _ in range(2):
             step.run(timed=False)
     deadline = time.perf_counter() + args.seconds * len(steps)
-    while time.perf_counter() < deadline or min(s.steps for s in steps) < 3:
-        for step in steps:  # alternate, so the same machine conditions fall on every step
-            step.run(timed=True)
+    while time.perf_counter() < deadline or min(s.steps for s in steps) < BLOCK:
+        for step in steps:  # alternate, so the same machine conditions fall on every kind of step;
+            for _ in range(BLOCK):  # in blocks, so each data thread's work falls mostly within its own steps
+                step.run(timed=True)
     return {s.name: s.rate for s in steps}
 
 
@@ -129,7 +132,8 @@ def shard_batches(args, images: int, device, shard_dir: str):
     from imcap.text import Vocabulary
 
     shards = list_shards(shard_dir, "train")
-    shards *= -(-args.workers // len(shards))  # every worker needs shards of its own
+    # every worker needs shards of its own; an epoch of 20 batches or more, as in training
+    shards *= max(-(-args.workers // len(shards)), -(-20 * images // count_samples(shards)))
     vocab = Vocabulary.load(Path(shard_dir) / "vocab.json")
     loader = train_loader(shards, Collate(vocab, args.length - 1, args.captions), rank=0, world_size=1, epoch=0,
                           seed=0, num_batches=batches_per_epoch(count_samples(shards), images, 1, 1), skip=0,

@@ -68,13 +68,15 @@ def train(cfg: Config) -> dict:
               f"process(es), {steps_per_epoch} steps per epoch, {total_steps} steps")
     progress = tqdm(total=total_steps, initial=state.step, disable=not acc.is_main_process, dynamic_ncols=True)
     scores = {}
-    batches_in_epoch = steps_per_epoch * cfg.train.grad_accum_steps
+    epoch_batches = steps_per_epoch * cfg.train.grad_accum_steps  # per process
     loader = data.train_loader(epoch=state.epoch, epochs=cfg.train.epochs - state.epoch, skip=state.batches_in_epoch,
-                               num_batches=batches_in_epoch, rank=acc.process_index, world_size=acc.num_processes)
+                               num_batches=epoch_batches, rank=acc.process_index, world_size=acc.num_processes)
     with DeviceBatches(loader, acc.device) as batches:  # one loader for all epochs: its workers start once
         for epoch in range(state.epoch, cfg.train.epochs):
-            while state.batches_in_epoch < batches_in_epoch:
-                micro_batches = list(itertools.islice(batches, cfg.train.grad_accum_steps))
+            while state.batches_in_epoch < epoch_batches:
+                # never into the next epoch: resumed with another grad_accum_steps, the last step is short
+                accum = min(cfg.train.grad_accum_steps, epoch_batches - state.batches_in_epoch)
+                micro_batches = list(itertools.islice(batches, accum))
                 step_metrics = train_step(model, optimizer, scheduler, micro_batches, data.vocab.pad, cfg, acc)
                 state.step += 1
                 state.batches_in_epoch += len(micro_batches)
@@ -228,7 +230,7 @@ class MetricsLog:
         self._reset()
 
     def _reset(self):
-        # xent and grad norm summed where they are, so that a step does not wait for the GPU to finish
+        # xent and grad norm summed where they are: reading them at every step would wait for the GPU
         self.losses = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
         self.counts = torch.zeros(2, dtype=torch.float64)  # images, skipped samples
         self.steps, self.start = 0, time.time()

@@ -139,6 +139,22 @@ def test_sigusr1_to_one_rank_makes_both_save_the_same_step_and_exit_75_then_auto
     assert [r["step"] for r in logged_steps(run)] == list(range(1, 25))  # every step once, none twice
 
 
+def test_resuming_with_more_accumulation_ends_each_epoch_where_it_ends_with_a_shorter_step(demo_shards, tmp_path):
+    """Saved 3 batches into an epoch of 12 with grad_accum_steps=1, resumed with 2: steps of 2, 2, 2, 2
+    and 1 finish that epoch; the next epoch is 6 steps of 2, read from the same loader."""
+    first = tiny_overrides(demo_shards, tmp_path, "train.epochs=2", "checkpoint.every_steps=3", "checkpoint.keep_last=10")
+    train(load_config(ROOT / "configs" / "demo.yaml", first))
+    saved = tmp_path / "tiny" / "checkpoints" / "step-000003"
+    assert json.loads((saved / "state.json").read_text())["batches_in_epoch"] == 3
+    train(load_config(ROOT / "configs" / "demo.yaml",
+                      [*first, "run_name=more-accum", f"resume={saved}", "train.grad_accum_steps=2"]))
+    state = json.loads((latest_checkpoint(tmp_path / "more-accum") / "state.json").read_text())
+    assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (3 + 5 + 6, 2, 0)
+    logged = [json.loads(line) for line in (tmp_path / "more-accum" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in logged if "val_loss" in r]
+    assert [(r["step"], r["epoch"]) for r in evaluated] == [(8, 1), (14, 2)]
+
+
 @pytest.fixture(scope="module")
 def trained_run(demo_shards, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")

@@ -256,6 +256,9 @@ def test_one_loader_through_several_epochs_yields_each_epoch_as_its_own_loader_w
     assert [b["image_ids"] for b in through] == [b["image_ids"] for b in expected]
     assert all(torch.equal(a["images"], b["images"]) and torch.equal(a["captions"], b["captions"])
                for a, b in zip(through, expected))
+    # resumed with more processes or a larger batch: the saved position lies past the epoch's new end
+    past_the_end = list(train_loader(shards, collate, skip=9, epochs=3, **{**kw, "epoch": 1}))
+    assert [b["image_ids"] for b in past_the_end] == [b["image_ids"] for b in expected[5:]]
 
 
 def test_too_few_shards_for_processes_times_workers_is_an_error_saying_how_to_fix_it(demo_shards):

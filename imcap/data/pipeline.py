@@ -225,6 +225,8 @@ def decode_jpegs(batch: dict, device) -> torch.Tensor:
     device refuses is decoded here by PIL; one that PIL refuses too is dropped with its captions (from
     every field of `batch`) and counted in batch["skipped"], as a worker would have skipped it."""
     packed = batch.pop("jpegs")
+    if torch.device(device).type == "cuda":  # nvJPEG's output may be memory that work queued on this stream
+        torch.cuda.current_stream(device).synchronize()  # still reads: it does not wait (pytorch/vision#9606)
     ends = packed["ends"].tolist()
     starts = [0] + ends[:-1]
     on_device = [i for i in range(len(ends)) if ends[i] > starts[i]]
@@ -350,7 +352,7 @@ class TrainStream(IterableDataset):
         slot, workers = _worker()
         handed_out = 0
         for epoch in range(self.epoch, self.epoch + self.epochs):
-            skip = self.skip if epoch == self.epoch else 0
+            skip = min(self.skip, self.num_batches) if epoch == self.epoch else 0  # resumed with fewer batches per epoch
             # DataLoader takes its batch g from worker slot g % workers. Worker w of an epoch makes the
             # epoch's batches w, w + workers, ...; the epoch's batch `skip` is the loader's batch
             # `handed_out`, so slot s plays worker (s - handed_out + skip) % workers.
@@ -366,9 +368,7 @@ class TrainStream(IterableDataset):
         batches = _batches(self._samples(epoch, worker, workers, rng, counter),
                            lambda s: decode_sample(s, self.image_size, decode_rng, self.jpeg_on_device), self.collate,
                            self.batch_size, counter, rng)
-        for i, batch in enumerate(batches):
-            if i >= mine:
-                return
+        for i, batch in enumerate(itertools.islice(batches, mine)):
             if i >= done:
                 yield batch
 

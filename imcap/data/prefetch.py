@@ -31,6 +31,8 @@ class DeviceBatches:
         if self.device.type == "cuda" and self.device.index is None:  # the thread sets it: it needs an index
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.ahead = self.default_ahead(self.device) if ahead is None else ahead
+        if self.ahead < 0:
+            raise ValueError(f"ahead must be >= 0, not {self.ahead}")
         self.batches = iter(batches)  # made here, in the training thread: DataLoader watches its workers from there
         self.finished = False
         if self.ahead:
@@ -55,8 +57,6 @@ class DeviceBatches:
                 torch.cuda.set_device(self.device)
             with torch.cuda.stream(self.stream):  # no stream (a CPU): does nothing
                 for batch in self.batches:
-                    if self.stream is not None:  # nvJPEG may write into memory that work queued on the
-                        self.stream.synchronize()  # calling stream still reads (pytorch/vision#9606)
                     batch = self._prepare(batch)
                     ready = self.stream.record_event() if self.stream is not None else None
                     if not self._put((batch, ready)):
@@ -100,6 +100,7 @@ class DeviceBatches:
         if self.ahead:
             self.stopped.set()
             self.thread.join(timeout=60)  # a loader stuck for longer is left to the daemon thread
+        self.batches = iter(())  # the loader's last reference here: its workers stop now, not at collection
 
     def __enter__(self) -> DeviceBatches:
         return self
