@@ -70,11 +70,12 @@ class Step:
 
     def __init__(self, name, model, inputs, batches, args, device, optimizer):
         self.name, self.model, self.inputs, self.batches, self.optimizer = name, model, inputs, batches, optimizer
-        self.args, self.device, self.seconds, self.steps, self.done = args, device, 0.0, 0, 0
+        self.args, self.device, self.seconds, self.steps, self.done, self.waited = args, device, 0.0, 0, 0, 0.0
 
     def run(self, timed: bool) -> None:
         start = time.perf_counter()
         images, captions = next(self.batches)
+        got = time.perf_counter()
         self.samples = captions.shape[0] * captions.shape[1]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
             logits, alphas = self.model(*self.inputs(images, captions))
@@ -86,6 +87,7 @@ class Step:
             torch.cuda.synchronize()
         if timed:
             self.seconds += time.perf_counter() - start
+            self.waited += got - start
             self.steps += 1
             self.done += self.samples
 
@@ -94,7 +96,7 @@ class Step:
         return self.done / self.seconds
 
 
-def compare(args, device, train_layer4: bool, reference_batches, imcap_batches) -> dict[str, float]:
+def compare(args, device, train_layer4: bool, reference_batches, imcap_batches) -> list[Step]:
     fast, reference = models(args, train_layer4, device)
     on_device = device_batches(args, args.images, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -114,7 +116,7 @@ def compare(args, device, train_layer4: bool, reference_batches, imcap_batches) 
         for step in steps:  # alternate, so the same machine conditions fall on every kind of step;
             for _ in range(BLOCK):  # in blocks, so each data thread's work falls mostly within its own steps
                 step.run(timed=True)
-    return {s.name: s.rate for s in steps}
+    return steps
 
 
 def device_batches(args, images: int, device):
@@ -210,10 +212,13 @@ def main():
     for mode in args.modes.split(","):
         def batches(images):
             return shard_batches(args, images, device, shard_dir) if shard_dir else device_batches(args, images, device)
-        rates = compare(args, device, mode == "layer4", batches(args.batch // args.captions), batches(args.images))
-        base = rates.pop("reference")
-        print(f"{mode:7s} reference {base:10.1f} caption-samples/s | " +
-              " | ".join(f"{name} {rate:10.1f} ({rate / base:.2f}x)" for name, rate in rates.items()), flush=True)
+        reference, *ours = compare(args, device, mode == "layer4", batches(args.batch // args.captions),
+                                   batches(args.images))
+        print(f"{mode:7s} reference {reference.rate:10.1f} caption-samples/s | " +
+              " | ".join(f"{s.name} {s.rate:10.1f} ({s.rate / reference.rate:.2f}x)" for s in ours), flush=True)
+        if shard_dir:  # where the time of an end-to-end step goes
+            print(f"{'':7s} waiting for the next batch: reference {reference.waited / reference.seconds:.0%} of its "
+                  f"time, imcap {ours[0].waited / ours[0].seconds:.0%}", flush=True)
     if args.pipeline:
         print(f"pipeline: {pipeline_rate(args.pipeline, 224):.0f} images/s per core (decode + resize + crop to 224 px, "
               f"{args.pipeline})")
