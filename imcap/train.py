@@ -24,8 +24,8 @@ from imcap import features as feature_cache
 from imcap.checkpoint import Checkpointer, TrainState, check_compatible, load_checkpoint, resolve_resume
 from imcap.config import Config, save_config, to_dict
 from imcap.data.dataset import CaptionData, prepare_data
-from imcap.data.prefetch import DeviceBatches
 from imcap.data.pipeline import batches_per_epoch, eval_loader, model_inputs
+from imcap.data.prefetch import DeviceBatches
 from imcap.distributed import EXIT_PREEMPTED, StopFlag, broadcast_object, gather_objects
 from imcap.evaluation import Evaluator
 from imcap.model import Captioner, caption_loss
