@@ -1,4 +1,5 @@
 """DeviceBatches: the batches ahead of the step, in a thread; same batches, same order, errors surfaced."""
+import itertools
 import threading
 
 import pytest
@@ -23,14 +24,16 @@ def test_device_batches_are_the_loaders_batches_in_order_with_their_inputs(demo_
         assert torch.equal(p["inputs"]["images"], b["images"]) and torch.equal(p["captions"], b["captions"])
 
 
-def failing_loader(after: int):
-    for i in range(after):
+def tiny_batches(count: int | None, then: Exception | None = None):
+    """`count` one-image batches (None: without end), then `then` raised, as a loader's error would be."""
+    for _ in itertools.count() if count is None else range(count):
         yield {"captions": torch.zeros(1, 1, 3, dtype=torch.long), "images": torch.zeros(1, 3, 4, 4, dtype=torch.uint8)}
-    raise DataError("no readable sample in shards/x/train-000003.tar")
+    if then is not None:
+        raise then
 
 
 def test_an_error_in_the_loader_is_raised_in_the_training_thread_after_the_batches_before_it():
-    batches = DeviceBatches(failing_loader(2), "cpu", ahead=2)
+    batches = DeviceBatches(tiny_batches(2, DataError("no readable sample in shards/x/train-000003.tar")), "cpu", ahead=2)
     assert len([next(batches), next(batches)]) == 2
     with pytest.raises(DataError, match="train-000003.tar"):
         next(batches)
@@ -38,11 +41,7 @@ def test_an_error_in_the_loader_is_raised_in_the_training_thread_after_the_batch
 
 
 def test_closing_stops_the_thread_while_it_waits_with_batches_nobody_takes():
-    def endless():
-        while True:
-            yield {"captions": torch.zeros(1, 1, 3, dtype=torch.long), "images": torch.zeros(1, 3, 4, 4)}
-
-    with DeviceBatches(endless(), "cpu", ahead=1) as batches:
+    with DeviceBatches(tiny_batches(None), "cpu", ahead=1) as batches:
         next(batches)
         thread = batches.thread
     thread.join(timeout=5)
