@@ -109,6 +109,12 @@ def test_local_state_dict_weights_are_loaded(tmp_path):
     assert torch.equal(loaded.conv1.weight, reference.conv1.weight)
 
 
+def test_a_resnet50_with_another_classifier_loads_its_trunk(tmp_path):
+    places = torchvision.models.resnet50(num_classes=365)  # fine-tuned elsewhere: the classifier is not used
+    torch.save(places.state_dict(), tmp_path / "places365.pt")
+    assert torch.equal(load_resnet50(str(tmp_path / "places365.pt")).layer4[2].conv3.weight, places.layer4[2].conv3.weight)
+
+
 def test_a_file_that_is_not_a_resnet50_is_refused_by_name(tmp_path):
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(WeightsError, match="other.pt is not a ResNet-50 state dict"):
@@ -136,6 +142,11 @@ def test_imagenet_weights_offline_and_not_cached_name_the_file_to_place(tmp_path
         load_resnet50("imagenet")
     expected = tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
     assert f"Place that file at {expected}" in str(error.value)
+    expected.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torchvision.models.resnet50().state_dict(), expected)
+    expected.write_bytes(expected.read_bytes()[:100_000])  # an interrupted copy
+    with pytest.raises(WeightsError, match=f"from {expected} .*the file is damaged"):
+        load_resnet50("imagenet")
 
 
 def test_feature_standardisation_gives_each_channel_zero_mean_and_unit_std():
@@ -148,3 +159,14 @@ def test_feature_standardisation_gives_each_channel_zero_mean_and_unit_std():
     live = encoder.feature_std > 1e-3
     assert torch.allclose(features.mean(dim=(0, 1))[live], torch.zeros(int(live.sum())), atol=1e-3)
     assert torch.allclose(features.std(dim=(0, 1), unbiased=False)[live], torch.ones(int(live.sum())), atol=1e-3)
+
+
+@pytest.mark.parametrize("train_layer4", [False, True])
+def test_estimating_feature_stats_leaves_batchnorm_statistics_and_the_mode_as_they_were(train_layer4):
+    model, _ = small_model(f"model.encoder.train_layer4={str(train_layer4).lower()}")  # as train() builds it
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items() if "running" in k}
+    estimate_feature_stats(model.encoder, [{"images": random_batch()[0]}])
+    after = model.encoder.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    frozen_norms = [m for m in model.encoder.frozen_part.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert model.encoder.training and not any(m.training for m in frozen_norms)

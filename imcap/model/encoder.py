@@ -24,6 +24,8 @@ def load_resnet50(weights: str) -> nn.Module:
         state = _imagenet_state_dict()
     else:
         state = _local_state_dict(Path(weights))
+    classifier = {k: v.shape for k, v in resnet.fc.state_dict(prefix="fc.").items()}
+    state = {k: v for k, v in state.items() if k not in classifier or v.shape == classifier[k]}  # e.g. Places365's
     missing, unexpected = resnet.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]  # the classifier is dropped anyway
     if missing or unexpected:
@@ -38,6 +40,9 @@ def _imagenet_state_dict() -> dict:
     try:
         return enum.get_state_dict(progress=False, check_hash=True)
     except Exception as e:  # offline: URLError, socket errors, proxies refusing
+        if cached.is_file():  # an interrupted copy, or another file under the name
+            raise WeightsError(f"could not load the ImageNet ResNet-50 weights from {cached} ({type(e).__name__}: "
+                               f"{e}): the file is damaged; replace it with {enum.url}") from None
         raise WeightsError(
             f"could not load the ImageNet ResNet-50 weights: {cached} is not there and downloading "
             f"{enum.url} failed ({type(e).__name__}: {e}). Place that file at {cached} (the directory "
@@ -83,6 +88,7 @@ class EncoderCNN(nn.Module):
         # per-channel standardisation of the output features: identity until estimate_feature_stats
         self.register_buffer("feature_mean", torch.zeros(self.feature_dim))
         self.register_buffer("feature_std", torch.ones(self.feature_dim))
+        self.train()  # the frozen part's BatchNorm in eval mode from the start
 
     @property
     def layer4(self) -> nn.Module:
@@ -127,6 +133,8 @@ def estimate_feature_stats(encoder: EncoderCNN, batches) -> int:
     """
     encoder.feature_mean.zero_()
     encoder.feature_std.fill_(1.0)
+    was_training = encoder.training
+    encoder.eval()  # BatchNorm on its running statistics, left as they are
     total, total_sq, count, images = 0.0, 0.0, 0, 0
     for inputs in batches:
         features = encoder(**inputs).double()  # (B, R, D)
@@ -138,4 +146,5 @@ def estimate_feature_stats(encoder: EncoderCNN, batches) -> int:
     std = (total_sq / count - mean ** 2).clamp(min=0).sqrt()
     encoder.feature_mean.copy_(mean.float())
     encoder.feature_std.copy_(std.float().clamp(min=1e-3))  # dead channels stay zero, not inf
+    encoder.train(was_training)
     return images
