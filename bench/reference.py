@@ -1,11 +1,13 @@
 """The straightforward Show, Attend and Tell training step, the baseline of bench/throughput.py.
 
-Written the way the best-known tutorial implementation writes it: every caption sample is its own
-row with its own copy of the image, so the encoder runs once per caption; the attention's projection
-of the features is recomputed at every decoding step; dropout and the output layer run inside the
-time loop; every caption runs for the batch's longest length. Its parameters have the names and
-shapes of imcap's Captioner, so `ReferenceCaptioner(...).load_state_dict(captioner.state_dict())`
-gives the same function to compare against.
+Written the way the best-known tutorial implementation (sgrvinod's a-PyTorch-Tutorial-to-Image-
+Captioning) writes it: every caption sample is its own row with its own copy of the image, so the
+encoder runs once per caption; the attention's projection of the features is recomputed at every
+decoding step; dropout and the output layer run inside the time loop, writing into a preallocated
+float32 tensor; as in the tutorial, the rows run longest caption first and each step computes only
+the captions still running. Its parameters have the names and shapes of imcap's Captioner, so
+`ReferenceCaptioner(...).load_state_dict(captioner.state_dict())` gives the same function to
+compare against.
 """
 from __future__ import annotations
 
@@ -67,19 +69,24 @@ class ReferenceDecoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.output = nn.Linear(hidden_dim, vocab_size)
 
-    def forward(self, features, captions):
-        """features (N, R, D), captions (N, T) -> logits (N, T-1, V), alphas (N, T-1, R)."""
+    def forward(self, features, captions, pad_id=0):
+        """features (N, R, D), captions (N, T) -> logits (N, T-1, V), alphas (N, T-1, R), zero after each end."""
+        steps, order = (captions[:, 1:] != pad_id).sum(dim=1).sort(descending=True)
+        features, captions, steps = features[order], captions[order], steps.tolist()
         mean = features.mean(dim=1)
         h, c = self.init_h(mean), self.init_c(mean)
         embedded = self.embedding(captions)
-        logits, alphas = [], []
-        for t in range(captions.shape[1] - 1):
-            context, alpha = self.attention(features, h)  # the projection of the features, again
-            context = torch.sigmoid(self.gate(h)) * context
-            h, c = self.lstm(torch.cat([embedded[:, t], context.to(embedded.dtype)], dim=1), (h, c))
-            logits.append(self.output(self.dropout(h)))
-            alphas.append(alpha)
-        return torch.stack(logits, dim=1), torch.stack(alphas, dim=1)
+        logits = torch.zeros(len(steps), captions.shape[1] - 1, self.output.out_features, device=features.device)
+        alphas = torch.zeros(len(steps), captions.shape[1] - 1, features.shape[1], device=features.device)
+        for t in range(steps[0]):
+            n = sum(s > t for s in steps)  # captions still running
+            context, alpha = self.attention(features[:n], h[:n])  # the projection of the features, again
+            context = torch.sigmoid(self.gate(h[:n])) * context
+            h, c = self.lstm(torch.cat([embedded[:n, t], context.to(embedded.dtype)], dim=1), (h[:n], c[:n]))
+            logits[:n, t] = self.output(self.dropout(h))
+            alphas[:n, t] = alpha
+        unsort = order.argsort()
+        return logits[unsort], alphas[unsort]
 
 
 class ReferenceCaptioner(nn.Module):

@@ -1,13 +1,14 @@
 """Training throughput of imcap's step against the straightforward step (bench/reference.py), side by side.
 
     python bench/throughput.py                      # the small CPU size
-    python bench/throughput.py --size gpu           # batch 256, 224 px, vocabulary 10,000, 20 steps, bf16
+    python bench/throughput.py --size gpu           # 256 caption samples a step, 224 px, vocabulary 10,000, 20 steps, bf16
     python bench/throughput.py --pipeline SHARDS    # also: the data pipeline's images/s per core on SHARDS
 
 Both steps train the same weights and are timed in the same run, alternating, so the ratios are
-measured under the same conditions. The reference trains `--batch` rows, one image and one caption
-each (batch/k images, each repeated for its k captions); imcap trains `--images` images with k
-captions each, one encoder pass per image. Rates are caption samples (image-caption pairs) per second. Modes: the encoder frozen or its layer4 trained, and imcap
+measured under the same conditions. Both train the same `--batch` caption samples (image-caption
+pairs) a step: batch/k images with k captions each, which the reference trains as rows of one image
+and one caption (each image repeated for its k captions) and imcap with one encoder pass per image.
+Rates are caption samples per second. Modes: the encoder frozen or its layer4 trained, and imcap
 reading cached encoder features (`imcap features build`) instead of images. With --e2e the batches
 come from JPEG shards in memory (/dev/shm) through imcap's own data path, decoded by data workers or
 (--decode device) on the device.
@@ -33,9 +34,9 @@ from imcap.train import make_optimizer  # noqa: E402
 
 BLOCK = 3  # timed steps of one kind in a row
 
-SIZES = {  # batch: the reference's rows (caption samples) per step; images: imcap's images per step, k captions each
-    "cpu": dict(batch=40, images=8, image_size=224, vocab=1000, length=12, captions=5, dim=512, bf16=False),
-    "gpu": dict(batch=256, images=256, image_size=224, vocab=10000, length=20, captions=5, dim=512, bf16=True),
+SIZES = {  # batch: caption samples per step, batch/captions images with `captions` captions each
+    "cpu": dict(batch=40, image_size=224, vocab=1000, length=12, captions=5, dim=512, bf16=False),
+    "gpu": dict(batch=256, image_size=224, vocab=10000, length=20, captions=5, dim=512, bf16=True),
 }
 
 
@@ -98,7 +99,7 @@ class Step:
 
 def compare(args, device, train_layer4: bool, reference_batches, imcap_batches) -> list[Step]:
     fast, reference = models(args, train_layer4, device)
-    on_device = device_batches(args, args.images, device)
+    on_device = device_batches(args, args.batch // args.captions, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
         cached = fast.encoder.frozen_features(next(on_device)[0]).to(torch.bfloat16)  # what a feature cache holds
     plain = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-4)
@@ -195,8 +196,8 @@ def main():
         args.ahead = DeviceBatches.default_ahead(device) if args.ahead is None else args.ahead
         args.vocab = len(Vocabulary.load(Path(args.e2e) / "vocab.json"))  # the shards' captions decide it
     print(f"device: {card}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    print(f"reference: {args.batch} rows (an image and a caption each) per step; imcap: {args.images} images x "
-          f"{args.captions} captions per step; "
+    print(f"both: {args.batch // args.captions} images x {args.captions} captions per step (the reference: a row "
+          "per caption, an encoder pass per row); "
           f"{args.image_size} px, vocabulary {args.vocab}, {args.length} decoder steps, dims {args.dim}, "
           f"{'bf16' if args.bf16 else 'fp32'}{', compiled decoder step' if args.compile else ''}"
           f"{f', batches from JPEG shards in memory, decoded by the {args.decode}, {args.ahead} ahead' if args.e2e else ', batches already on the device'}"
@@ -213,7 +214,7 @@ def main():
         def batches(images):
             return shard_batches(args, images, device, shard_dir) if shard_dir else device_batches(args, images, device)
         reference, *ours = compare(args, device, mode == "layer4", batches(args.batch // args.captions),
-                                   batches(args.images))
+                                   batches(args.batch // args.captions))
         print(f"{mode:7s} reference {reference.rate:10.1f} caption-samples/s | " +
               " | ".join(f"{s.name} {s.rate:10.1f} ({s.rate / reference.rate:.2f}x)" for s in ours), flush=True)
         if shard_dir:  # where the time of an end-to-end step goes

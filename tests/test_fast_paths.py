@@ -1,6 +1,6 @@
 """imcap's fast training step (one encoder pass per image shared by its k captions, projection once per
-batch, shrinking batch, output layer after the recurrence; or cached encoder features) computes the
-same loss and gradients as the straightforward step of bench/reference.py on the same batch."""
+batch, output layer after the recurrence; or cached encoder features) computes the same loss and
+gradients as the straightforward step of bench/reference.py on the same batch."""
 import sys
 
 import pytest
