@@ -7,7 +7,8 @@
 
 A checkpoint is written into `.tmp-step-N/` by all ranks and renamed to `step-N/` by the main process
 once every rank has finished; `state.json` is written last. `latest` is replaced atomically after the
-rename, so it never names a partial checkpoint, and a crash during a save leaves the previous one intact.
+rename, so it never names a partial checkpoint, and a crash during a save leaves the previous one intact
+(a step saved twice, at an epoch's end, is moved aside as `.old-step-N/` until its new copy is in place).
 Everything is loaded without unpickling objects: weights from safetensors, the rest with
 `torch.load(weights_only=True)` or JSON/YAML.
 """
@@ -99,6 +100,12 @@ class Checkpointer:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob(".tmp-*"):  # left by a run killed during a save
                 shutil.rmtree(stale, ignore_errors=True)
+            for old in self.dir.glob(".old-step-*"):  # killed between the renames of a second save of a step
+                final = self.dir / old.name.removeprefix(".old-")
+                if not (final / STATE).exists():
+                    shutil.rmtree(final, ignore_errors=True)
+                    os.replace(old, final)
+                shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
 
     def save(self, state: TrainState, model, optimizer, scheduler, vocab: Vocabulary, cfg: Config,
@@ -121,8 +128,11 @@ class Checkpointer:
             _atomic_write(tmp / STATE, json.dumps({**asdict(state), "world_size": acc.num_processes}))
         acc.wait_for_everyone()  # every rank's RNG file is in place
         if acc.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
+            old = self.dir / f".old-{name}"
+            if final.exists():  # this step saved before: kept until the new copy is in place
+                os.replace(final, old)
             os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
             _atomic_write(self.dir / LATEST, name)
             if score is not None:
                 self._update_best(name, *score)
@@ -138,16 +148,18 @@ class Checkpointer:
             _atomic_write(self.dir / BEST, json.dumps({"name": name, "metric": metric, "value": value}))
 
     def _prune(self) -> None:
-        keep = {p.name for p in self.complete()[-self.keep_last:]}
+        keep = {p.name for p in complete_checkpoints(self.dir)[-self.keep_last:]}
         best = read_best(self.dir)
         if best:
             keep.add(best["name"])
-        for path in self.complete():
+        for path in complete_checkpoints(self.dir):
             if path.name not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def complete(self) -> list[Path]:
-        return sorted(p for p in self.dir.glob("step-*") if (p / STATE).exists())
+
+def complete_checkpoints(checkpoints: Path) -> list[Path]:
+    """The complete step-N directories, oldest first."""
+    return sorted(p for p in checkpoints.glob("step-*") if (p / STATE).exists())
 
 
 def read_best(checkpoints: Path) -> dict | None:
@@ -163,19 +175,32 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         named = checkpoints / pointer.read_text().strip()
         if (named / STATE).exists():
             return named
-    complete = sorted(p for p in checkpoints.glob("step-*") if (p / STATE).exists())
+    complete = complete_checkpoints(checkpoints)
     return complete[-1] if complete else None
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """auto: the run's latest checkpoint if any, else a fresh start; latest: it must exist; none; a path."""
-    if resume == "none":
-        return None
+    """auto: the run's latest checkpoint if any, else a fresh start; latest: it must exist; none; a path.
+
+    Starting afresh (none) or from elsewhere (a path) is refused where run_dir holds checkpoints of
+    later steps: the run's own checkpoints would mix with them, and pruning would delete its own."""
     if resume in ("auto", "latest"):
         found = latest_checkpoint(run_dir)
         if found is None and resume == "latest":
             raise CheckpointError(f"resume=latest, but {run_dir / 'checkpoints'} holds no complete checkpoint")
         return found
+    found = None if resume == "none" else _checkpoint_at(resume)
+    step = json.loads((found / STATE).read_text())["step"] if found else 0
+    later = [p for p in complete_checkpoints(Path(run_dir) / "checkpoints") if p != found and int(p.name[5:]) > step]
+    if later:
+        raise CheckpointError(
+            f"resume={resume}: {Path(run_dir) / 'checkpoints'} already holds checkpoints of later steps "
+            f"({', '.join(p.name for p in later[-3:])}), which this run's would mix with: set another run_name "
+            "(or resume=auto to continue that run)")
+    return found
+
+
+def _checkpoint_at(resume: str) -> Path:
     path = Path(resume)
     if (path / "checkpoints").is_dir():  # a run directory
         found = latest_checkpoint(path)
@@ -197,7 +222,7 @@ def check_compatible(checkpoint: Path, model, vocab: Vocabulary) -> None:
         raise CheckpointError(
             f"{checkpoint}: its vocabulary ({len(saved_vocab)} words) differs from this run's ({len(vocab)}): "
             f"new words {added}, missing words {removed}. Resume with the same shards and text.min_word_count, "
-            f"or start a new run (resume=none or another run_name).")
+            f"or start a new run (another run_name).")
     saved = load_file(checkpoint / "model.safetensors")
     current = model.state_dict()
     different = [f"{k}: checkpoint {tuple(saved[k].shape)}, config {tuple(v.shape)}"

@@ -38,6 +38,7 @@ def train(cfg: Config) -> dict:
     """Train as configured; returns the last evaluation's scores."""
     acc = make_accelerator(cfg)
     set_seed(cfg.train.seed)  # the same initial weights on every process
+    resume_from = broadcast_object(acc, resolve_resume(cfg.resume, cfg.run_dir))  # rank 0 decides, before any long work
     stop = StopFlag(cfg.train.preemption_signal)
     metrics = MetricsLog(cfg, acc)
     data = prepare_data(cfg, acc)
@@ -52,7 +53,6 @@ def train(cfg: Config) -> dict:
     data = use_feature_cache(model, data, cfg, acc)
     if cfg.train.compile:  # the recurrence's step is where the time goes; its batch shrinks, so dynamic shapes
         model.decoder.step = torch.compile(model.decoder.step, dynamic=True)
-    resume_from = broadcast_object(acc, resolve_resume(cfg.resume, cfg.run_dir))  # rank 0 decides for all
     if resume_from:
         check_compatible(resume_from, model, data.vocab)
         state = load_checkpoint(resume_from, model, optimizer, scheduler, acc)
@@ -67,7 +67,7 @@ def train(cfg: Config) -> dict:
     acc.print(f"{data.num_train_samples} train images, {len(data.vocab)} words, {acc.num_processes} "
               f"process(es), {steps_per_epoch} steps per epoch, {total_steps} steps")
     progress = tqdm(total=total_steps, initial=state.step, disable=not acc.is_main_process, dynamic_ncols=True)
-    scores = {}
+    scores, scored_at = {}, None  # the last evaluation, and the step it evaluated
     epoch_batches = steps_per_epoch * cfg.train.grad_accum_steps  # per process
     loader = data.train_loader(epoch=state.epoch, epochs=cfg.train.epochs - state.epoch, skip=state.batches_in_epoch,
                                num_batches=epoch_batches, rank=acc.process_index, world_size=acc.num_processes)
@@ -84,20 +84,24 @@ def train(cfg: Config) -> dict:
                 progress.update()
                 if state.step % cfg.train.log_every == 0:
                     progress.set_postfix(metrics.log_train(state, scheduler.get_last_lr()[0]))
-                if stopped_by := stop.agreed(acc):  # every rank saves the same step, then exits
-                    checkpointer.save(state, model, optimizer, scheduler, data.vocab, cfg)
+                if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
+                    scores = evaluate(evaluator, model, state, metrics, cfg, final=state.step == total_steps)
+                    scored_at = state.step
+                stopped_by = stop.agreed(acc)  # after the step's evaluation: a resume would not repeat it
+                if stopped_by or (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0):
+                    checkpointer.save(state, model, optimizer, scheduler, data.vocab, cfg,
+                                      best_score(scores, scored_at, state, cfg))
+                if stopped_by:  # every rank saved the same step
                     acc.print(f"stopped by {stopped_by} at step {state.step}; checkpoint saved, "
                               f"exiting with {EXIT_PREEMPTED}")
                     acc.end_training()
                     sys.exit(EXIT_PREEMPTED)
-                if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
-                    scores = evaluate(evaluator, model, state, metrics, cfg, final=state.step == total_steps)
-                if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
-                    checkpointer.save(state, model, optimizer, scheduler, data.vocab, cfg, best_score(scores, cfg))
             state.epoch, state.batches_in_epoch = epoch + 1, 0
-            if not cfg.eval.every_steps:
-                scores = evaluate(evaluator, model, state, metrics, cfg, final=epoch + 1 == cfg.train.epochs)
-            checkpointer.save(state, model, optimizer, scheduler, data.vocab, cfg, best_score(scores, cfg))
+            last = epoch + 1 == cfg.train.epochs
+            if scored_at != state.step and (last or not cfg.eval.every_steps):  # the end is always evaluated
+                scores, scored_at = evaluate(evaluator, model, state, metrics, cfg, final=last), state.step
+            checkpointer.save(state, model, optimizer, scheduler, data.vocab, cfg,
+                              best_score(scores, scored_at, state, cfg))
     progress.close()
     if not scores:  # resumed after the end: nothing was trained, report the model as it is
         scores = evaluate(evaluator, model, state, metrics, cfg, final=True)
@@ -209,9 +213,10 @@ def evaluate(evaluator: Evaluator, model, state: TrainState, metrics: MetricsLog
     return result
 
 
-def best_score(scores: dict, cfg: Config) -> tuple[str, float, bool] | None:
+def best_score(scores: dict, scored_at: int | None, state: TrainState, cfg: Config) -> tuple[str, float, bool] | None:
+    """(metric, value, higher is better) for `best`, only from an evaluation of the weights being saved."""
     metric = cfg.checkpoint.best_metric
-    value = scores.get(metric)
+    value = scores.get(metric) if scored_at == state.step else None
     return None if value is None else (metric, value, metric != "val_loss")
 
 

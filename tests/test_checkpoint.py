@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,8 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_env, tiny_overrides
-from imcap.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, resolve_resume,
-                              safe_torch_load)
+from accelerate import Accelerator
+
+from imcap.checkpoint import (CheckpointError, Checkpointer, latest_checkpoint, load_checkpoint, read_best,
+                              resolve_resume, safe_torch_load)
 from imcap.config import ConfigError, load_config
 from imcap.distributed import EXIT_PREEMPTED
 from imcap.train import train
@@ -46,10 +49,11 @@ def wait_all(procs, timeout=300) -> list[int]:
     return [p.wait(timeout=timeout) for p in procs]
 
 
-def logged_steps(run: Path) -> list[dict]:
+def logged(run: Path, key: str = "train_loss") -> list[dict]:
+    """The run's metrics.jsonl records that hold `key`: training steps, or evaluations with val_loss."""
     path = run / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines if '"train_loss"' in line]
+    return [json.loads(line) for line in lines if f'"{key}"' in line]
 
 
 def wait_for(condition, procs, timeout=300, poll=0.05):
@@ -82,20 +86,20 @@ def test_kill_9_at_a_random_step_then_resume_gives_bitwise_the_weights_of_an_uni
     run = tmp_path / "interrupted"
     kill_at = random.Random().randint(3, 10)  # a different step each run, printed on failure
     procs = start_ranks(interrupted, log=tmp_path / "log")
-    wait_for(lambda: any(r["step"] >= kill_at for r in logged_steps(run)), procs)
+    wait_for(lambda: any(r["step"] >= kill_at for r in logged(run)), procs)
     kill_9(procs)
     resumed_from = latest_checkpoint(run)
     # read now: the resumed run prunes old checkpoints (keep_last)
     first = 0 if resumed_from is None else json.loads((resumed_from / "state.json").read_text())["step"]
-    logged_before = len(logged_steps(run))
+    logged_before = len(logged(run))
     assert wait_all(start_ranks(interrupted, log=tmp_path / "log")) == [0, 0], (tmp_path / "log.rank0").read_text()[-3000:]
 
     final_ref = load_file(tmp_path / "reference" / "checkpoints" / "step-000012" / "model.safetensors")
     final = load_file(run / "checkpoints" / "step-000012" / "model.safetensors")
     assert final.keys() == final_ref.keys()
     assert all(torch.equal(final[k], final_ref[k]) for k in final), f"killed at step {kill_at}"
-    expected = {r["step"]: r for r in logged_steps(tmp_path / "reference")}
-    after_resume = logged_steps(run)[logged_before:]
+    expected = {r["step"]: r for r in logged(tmp_path / "reference")}
+    after_resume = logged(run)[logged_before:]
     assert [r["step"] for r in after_resume] == list(range(first + 1, 13))
     for r in after_resume:
         assert r["lr"] == expected[r["step"]]["lr"] and r["epoch"] == expected[r["step"]]["epoch"]
@@ -128,7 +132,7 @@ def test_sigusr1_to_one_rank_makes_both_save_the_same_step_and_exit_75_then_auto
     overrides = tiny_overrides(demo_shards, tmp_path, "train.cpu=true", "train.epochs=4", "train.log_every=1")
     run = tmp_path / "tiny"
     procs = start_ranks(overrides, log=tmp_path / "log")
-    wait_for(lambda: any(r["step"] >= 3 for r in logged_steps(run)), procs)
+    wait_for(lambda: any(r["step"] >= 3 for r in logged(run)), procs)
     procs[1].send_signal(signal.SIGUSR1)
     assert wait_all(procs) == [EXIT_PREEMPTED, EXIT_PREEMPTED]
     saved = latest_checkpoint(run)
@@ -136,7 +140,24 @@ def test_sigusr1_to_one_rank_makes_both_save_the_same_step_and_exit_75_then_auto
     assert 3 <= step < 24 and {p.name for p in saved.glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
     assert f"stopped by SIGUSR1 at step {step}" in (tmp_path / "log.rank0").read_text() + (tmp_path / "log.rank1").read_text()
     assert wait_all(start_ranks(overrides, log=tmp_path / "log")) == [0, 0]
-    assert [r["step"] for r in logged_steps(run)] == list(range(1, 25))  # every step once, none twice
+    assert [r["step"] for r in logged(run)] == list(range(1, 25))  # every step once, none twice
+
+
+def test_a_preemption_at_an_evaluation_step_loses_no_evaluation(demo_shards, tmp_path):
+    overrides = tiny_overrides(demo_shards, tmp_path, "eval.every_steps=1", "eval.max_images=8", "train.log_every=1")
+    run = tmp_path / "tiny"
+
+    def preempt():  # from another thread, as Slurm would, once a few steps are done
+        while not any(r["step"] >= 3 for r in logged(run)):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    threading.Thread(target=preempt, daemon=True).start()
+    with pytest.raises(SystemExit) as stopped:
+        train(load_config(ROOT / "configs" / "demo.yaml", overrides))
+    assert stopped.value.code == EXIT_PREEMPTED
+    train(load_config(ROOT / "configs" / "demo.yaml", overrides))
+    assert [r["step"] for r in logged(run, "val_loss")] == list(range(1, 13))
 
 
 def test_resuming_with_more_accumulation_ends_each_epoch_where_it_ends_with_a_shorter_step(demo_shards, tmp_path):
@@ -150,16 +171,36 @@ def test_resuming_with_more_accumulation_ends_each_epoch_where_it_ends_with_a_sh
                       [*first, "run_name=more-accum", f"resume={saved}", "train.grad_accum_steps=2"]))
     state = json.loads((latest_checkpoint(tmp_path / "more-accum") / "state.json").read_text())
     assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (3 + 5 + 6, 2, 0)
-    logged = [json.loads(line) for line in (tmp_path / "more-accum" / "metrics.jsonl").read_text().splitlines()]
-    evaluated = [r for r in logged if "val_loss" in r]
+    evaluated = logged(tmp_path / "more-accum", "val_loss")
     assert [(r["step"], r["epoch"]) for r in evaluated] == [(8, 1), (14, 2)]
 
 
 @pytest.fixture(scope="module")
 def trained_run(demo_shards, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    train(load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(demo_shards, runs)))
+    train(load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(demo_shards, runs, "eval.every_steps=5",
+                                                                      "checkpoint.best_metric=val_loss")))
     return runs, demo_shards
+
+
+def test_resaving_a_step_keeps_its_first_copy_until_the_second_is_in_place(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    for name in ("step-000004", "step-000005"):  # killed between the two renames of a second save
+        (checkpoints / f".old-{name}").mkdir(parents=True)
+        (checkpoints / f".old-{name}" / "state.json").write_text("{}")
+    (checkpoints / "step-000004").mkdir()
+    (checkpoints / "step-000004" / "state.json").write_text('{"new": 1}')  # the second save got in place
+    Checkpointer(tmp_path, Accelerator(cpu=True))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000004", "step-000005"]
+    assert (checkpoints / "step-000004" / "state.json").read_text() == '{"new": 1}'
+
+
+def test_the_end_of_training_is_evaluated_and_best_is_scored_on_its_own_weights(trained_run):
+    runs, _ = trained_run
+    evaluated = logged(runs / "tiny", "val_loss")
+    assert [r["step"] for r in evaluated] == [5, 10, 12]  # 12 steps; every 5, and the end
+    assert read_best(runs / "tiny" / "checkpoints") == {"name": "step-000012", "metric": "val_loss",
+                                                         "value": evaluated[-1]["val_loss"]}
 
 
 def test_resuming_into_another_model_size_is_refused_saying_what_differs(trained_run):
@@ -222,7 +263,7 @@ def test_a_config_with_python_objects_is_refused_and_runs_nothing(tmp_path):
 
 def test_resume_resolution(tmp_path, trained_run):
     runs, _ = trained_run
-    assert resolve_resume("none", runs / "tiny") is None
+    assert resolve_resume("none", tmp_path) is None
     assert resolve_resume("auto", tmp_path) is None  # nothing yet: a fresh start
     with pytest.raises(CheckpointError, match="resume=latest, but .* holds no complete checkpoint"):
         resolve_resume("latest", tmp_path)
@@ -231,3 +272,12 @@ def test_resume_resolution(tmp_path, trained_run):
     assert resolve_resume(str(latest), tmp_path) == latest
     with pytest.raises(CheckpointError, match="not a complete checkpoint directory"):
         resolve_resume(str(tmp_path), tmp_path)
+    # a fresh start, or one from an earlier step, into a run with later checkpoints: they would mix
+    assert resolve_resume(str(latest), runs / "tiny") == latest
+    earlier = tmp_path / "elsewhere" / "step-000005"
+    earlier.mkdir(parents=True)
+    (earlier / "state.json").write_text(json.dumps({"step": 5, "epoch": 0, "batches_in_epoch": 5, "world_size": 1}))
+    for start in ("none", str(earlier)):
+        with pytest.raises(CheckpointError, match=f"already holds checkpoints of later steps .*{latest.name}"):
+            resolve_resume(start, runs / "tiny")
+
