@@ -8,6 +8,7 @@ type or a value outside its allowed set is a `ConfigError` naming the key and wh
 from __future__ import annotations
 
 import dataclasses
+import re
 import signal
 import typing
 from dataclasses import dataclass, field
@@ -131,7 +132,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     tree: dict[str, Any] = {}
     if path is not None:
         try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
+            tree = yaml.load(Path(path).read_text(), Loader=_Loader) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as e:
@@ -142,7 +143,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-4)")
-        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text.strip() else "")
+        _set_dotted(tree, key.strip(), yaml.load(text, Loader=_Loader) if text.strip() else "")
     cfg = _build(Config, tree, prefix="")
     validate(cfg)
     return cfg
@@ -188,6 +189,21 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose only booleans are true and false (any case).
+
+    YAML 1.1 also reads yes/no/on/off as booleans, which turns the documented
+    `mixed_precision: no` into False. Every other scalar resolves as in SafeLoader.
+    """
+
+
+# new lists, so SafeLoader (and yaml.safe_load elsewhere) keeps its resolvers
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|false)$", re.IGNORECASE), list("tTfF"))
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

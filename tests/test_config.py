@@ -12,6 +12,14 @@ def test_yaml_and_dotted_overrides_resolve_to_typed_values(tmp_path):
     assert cfg.model.encoder.train_layer4 is True and cfg.train.layer4_lr == pytest.approx(1e-5)
 
 
+def test_only_true_and_false_are_booleans_so_no_stays_a_string(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("train:\n  mixed_precision: no\n  cpu: TRUE\n")
+    cfg = load_config(path)
+    assert cfg.train.mixed_precision == "no" and cfg.train.cpu is True
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
 def test_every_shipped_config_loads():
     from pathlib import Path
 
@@ -27,6 +35,7 @@ def test_every_shipped_config_loads():
     (["data.batch_size=big"], "data.batch_size must be an integer; got 'big'"),
     (["data.batch_size=2.5"], "data.batch_size must be an integer"),
     (["model.encoder.train_layer4=yes please"], "model.encoder.train_layer4 must be true or false"),
+    (["train.cpu=yes"], "train.cpu must be true or false; got 'yes'"),
     (["train.mixed_precision=fp8"], "train.mixed_precision must be one of no, bf16, fp16; got 'fp8'"),
     (["data.batch_size"], "is not of the form key=value"),
     (["data=3"], "data must be a mapping"),
