@@ -143,7 +143,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-4)")
-        _set_dotted(tree, key.strip(), yaml.load(text, Loader=_Loader) if text.strip() else "")
+        key, text = key.strip(), text.strip()
+        # a string key takes the text as written: YAML would read run_name=0123 as 83 and 2024-05-01 as a date
+        hint = _type_of(key)
+        as_text = hint is str or typing.get_origin(hint) is Literal or not text
+        _set_dotted(tree, key, text if as_text else yaml.load(text, Loader=_Loader))
     cfg = _build(Config, tree, prefix="")
     validate(cfg)
     return cfg
@@ -204,6 +208,14 @@ _Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|false)$", re.IGNORECASE), list("tTfF"))
+
+
+def _type_of(key: str):
+    """The declared type of a dotted key, or None where there is no such key (_build then names it)."""
+    hint = Config
+    for part in key.split("."):
+        hint = typing.get_type_hints(hint).get(part) if dataclasses.is_dataclass(hint) else None
+    return hint
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

@@ -20,6 +20,11 @@ def test_only_true_and_false_are_booleans_so_no_stays_a_string(tmp_path):
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
 
 
+@pytest.mark.parametrize("text", ["0123", "1_000", "12:30", "2024-05-01", "yes"])
+def test_a_string_key_given_by_override_keeps_its_text(text):
+    assert load_config(None, [f"run_name={text}"]).run_name == text
+
+
 def test_every_shipped_config_loads():
     from pathlib import Path
 
