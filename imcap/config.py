@@ -181,6 +181,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.train.clip_grad_norm > 0, "train.clip_grad_norm must be > 0"),
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
         (0.0 <= cfg.model.decoder.dropout < 1.0, "model.decoder.dropout must be in [0, 1)"),
         (cfg.eval.max_length >= 1, "eval.max_length must be >= 1"),
