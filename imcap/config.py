@@ -168,6 +168,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def validate(cfg: Config) -> None:
+    preemption_signal = getattr(signal, cfg.train.preemption_signal, None)  # SIG_IGN is a handler, not a signal
     checks = [
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (cfg.data.captions_per_image >= 1, "data.captions_per_image must be >= 1"),
@@ -189,8 +190,9 @@ def validate(cfg: Config) -> None:
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
         (cfg.checkpoint.best_metric in (*METRICS, "val_loss"),
          f"checkpoint.best_metric must be one of {', '.join((*METRICS, 'val_loss'))}"),
-        (cfg.train.preemption_signal.startswith("SIG") and hasattr(signal, cfg.train.preemption_signal),
-         "train.preemption_signal must name a signal, e.g. SIGUSR1"),
+        (isinstance(preemption_signal, signal.Signals) and preemption_signal not in (signal.SIGKILL, signal.SIGSTOP),
+         f"train.preemption_signal must name a signal that can be caught, e.g. SIGUSR1; "
+         f"got {cfg.train.preemption_signal!r}"),
     ]
     for ok, message in checks:
         if not ok:

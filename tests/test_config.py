@@ -49,6 +49,10 @@ def test_every_shipped_config_loads():
     (["train.clip_grad_norm=0"], "train.clip_grad_norm must be > 0"),
     (["train.clip_grad_norm=-1"], "train.clip_grad_norm must be > 0"),
     (["train.log_every=0"], "train.log_every must be >= 1"),
+    (["train.preemption_signal=SIGKILL"], "train.preemption_signal must name a signal that can be caught"),
+    (["train.preemption_signal=SIGSTOP"], "train.preemption_signal must name a signal that can be caught"),
+    (["train.preemption_signal=SIG_IGN"],
+     "train.preemption_signal must name a signal that can be caught, e.g. SIGUSR1; got 'SIG_IGN'"),
 ])
 def test_bad_keys_and_values_are_errors_naming_the_key(override, message):
     with pytest.raises(ConfigError) as error:
