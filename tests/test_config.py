@@ -53,6 +53,11 @@ def test_every_shipped_config_loads():
     (["train.preemption_signal=SIGSTOP"], "train.preemption_signal must name a signal that can be caught"),
     (["train.preemption_signal=SIG_IGN"],
      "train.preemption_signal must name a signal that can be caught, e.g. SIGUSR1; got 'SIG_IGN'"),
+    (["eval.max_images=-1"], "eval.max_images must be >= 0"),
+    (["eval.batch_size=0"], "eval.batch_size must be >= 1"),
+    (["eval.every_steps=-1"], "eval.every_steps must be >= 0"),
+    (["data.shuffle_buffer=-1"], "data.shuffle_buffer must be >= 0"),
+    (["train.warmup_steps=-1"], "train.warmup_steps must be >= 0"),
 ])
 def test_bad_keys_and_values_are_errors_naming_the_key(override, message):
     with pytest.raises(ConfigError) as error:
