@@ -32,7 +32,7 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self, model, full_metrics: bool = True) -> dict:
-        """full_metrics=False skips the Java tools (PTB tokeniser, METEOR) for a quick score."""
+        """full_metrics=False skips METEOR for a quick score (the other scores are the same either way)."""
         acc = self.accelerator
         model = acc.unwrap_model(model)
         was_training = model.training
@@ -64,7 +64,7 @@ class Evaluator:
         scores = None
         if acc.is_main_process and results:
             scores = caption_scores({i: c for i, c, _ in results}, {i: refs for i, _, refs in results},
-                                    java=full_metrics)
+                                    meteor=full_metrics)
         scores = broadcast_object(acc, scores)
         return {
             "val_loss": (loss_sum[0] / loss_sum[1].clamp(min=1)).item(),

@@ -44,12 +44,13 @@ def _tokenize(captions: dict[str, list[str]], java: bool) -> dict[str, list[str]
     return {k: [" ".join(tokenize(c)) for c in v] for k, v in captions.items()}
 
 
-def caption_scores(predictions: dict, references: dict, java: bool = True,
+def caption_scores(predictions: dict, references: dict, meteor: bool = True,
                    spice: bool = False) -> dict[str, float | None]:
     """predictions {image_id: caption}, references {image_id: [captions]} -> {metric: score or None}.
 
     Scores are on the 0-1 scale of pycocoevalcap (CIDEr-D on its own, larger scale); a metric that
-    cannot run here is None. java=False skips the Java tools (PTB tokeniser, METEOR) for a fast score.
+    cannot run here is None. meteor=False skips METEOR (a Java process of several seconds) for a fast
+    score; the tokenisation is the same either way, so the other scores compare across calls.
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -62,12 +63,12 @@ def caption_scores(predictions: dict, references: dict, java: bool = True,
     if not predictions:
         raise ValueError("no predictions to score")
     ids = sorted(predictions, key=str)
-    java = java and java_available()
+    java = java_available()
     gts = _tokenize({i: list(references[i]) for i in ids}, java)
     res = _tokenize({i: [predictions[i]] for i in ids}, java)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scores: dict[str, float | None] = {f"bleu{n + 1}": float(b) for n, b in enumerate(bleu)}
-    scores["meteor"] = _meteor(gts, res) if java else None
+    scores["meteor"] = _meteor(gts, res) if java and meteor else None
     scores["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
     scores["cider"] = float(Cider().compute_score(gts, res)[0])
     if spice:

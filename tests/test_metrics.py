@@ -10,7 +10,7 @@ import evaluate
 import pytest
 
 from conftest import ROOT, run_env
-from imcap.metrics import METRIC_MODULE, caption_scores
+from imcap.metrics import METRIC_MODULE, caption_scores, java_available
 
 NAMES = {"Bleu_1": "bleu1", "Bleu_2": "bleu2", "Bleu_3": "bleu3", "Bleu_4": "bleu4", "METEOR": "meteor",
          "ROUGE_L": "rouge_l", "CIDEr": "cider"}
@@ -109,6 +109,16 @@ def test_without_java_meteor_is_unavailable_and_the_others_still_score(tmp_path)
     scores = json.loads(result.stdout)
     assert scores["meteor"] is None and scores["bleu1"] == pytest.approx(1.0, abs=1e-6) and scores["cider"] > 0
     assert result.stderr.count("Java is not installed") == 1
+
+
+def test_a_quick_score_skips_only_meteor_so_checkpoints_compare_by_the_same_numbers():
+    if not java_available():
+        pytest.skip("Java is not installed: both scores tokenise in Python")
+    predictions = {"a": "the dog's ball , red", "b": "a man on a bike ."}  # where the tokenisers differ
+    references = {"a": ["The dog's red ball.", "a red ball of the dog"], "b": ["A man rides a bike!", "a cyclist"]}
+    full, quick = caption_scores(predictions, references), caption_scores(predictions, references, meteor=False)
+    assert quick["meteor"] is None and full["meteor"] > 0
+    assert {k: v for k, v in quick.items() if k != "meteor"} == {k: v for k, v in full.items() if k != "meteor"}
 
 
 def test_mismatched_predictions_and_references_are_an_error():
