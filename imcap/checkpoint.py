@@ -15,6 +15,7 @@ Everything is loaded without unpickling objects: weights from safetensors, the r
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -30,6 +31,7 @@ from imcap.config import Config, config_from_dict, save_config
 from imcap.text import Vocabulary
 
 LATEST, BEST, STATE = "latest", "best", "state.json"
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -41,6 +43,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # the epoch the next batch belongs to
     batches_in_epoch: int = 0  # batches of that epoch already trained on (the data position)
+    data_workers: int | None = None  # per process; with the world size, it decides an epoch's order
 
 
 def step_dir_name(step: int) -> str:
@@ -234,8 +237,10 @@ def check_compatible(checkpoint: Path, model, vocab: Vocabulary) -> None:
                               f"The saved config is {checkpoint / 'config.yaml'}.")
 
 
-def load_checkpoint(checkpoint: Path, model, optimizer, scheduler, accelerator) -> TrainState:
-    """Restore model, optimizer, scheduler, this rank's RNG state and the data position.
+def load_checkpoint(checkpoint: Path, model, optimizer, scheduler, accelerator,
+                    data_workers: int | None = None) -> TrainState:
+    """Restore model, optimizer, scheduler, this rank's RNG state and the data position, for a run
+    with `data_workers` data workers per process.
 
     Every file is read (safely) before anything is restored, so a bad checkpoint changes nothing."""
     saved = safe_torch_load(checkpoint / "optimizer.pt")
@@ -249,7 +254,22 @@ def load_checkpoint(checkpoint: Path, model, optimizer, scheduler, accelerator) 
     scheduler.load_state_dict(saved["scheduler"])
     if rng is not None:  # with another world size the data order changes anyway; keep the fresh seeds
         _set_rng_state(rng)
-    return TrainState(meta["step"], meta["epoch"], meta["batches_in_epoch"])
+    if meta["batches_in_epoch"] and _order_differs(meta, accelerator.num_processes, data_workers):
+        log.warning("%s was saved %d batches into epoch %d by %d process(es) with %s data workers each; this run "
+                    "has %d with %s: the rest of that epoch comes in another order, so some of its samples are "
+                    "trained on twice and others not at all. Resume with the same numbers to continue exactly.",
+                    checkpoint, meta["batches_in_epoch"], meta["epoch"], meta["world_size"], meta.get("data_workers"),
+                    accelerator.num_processes, data_workers)
+    return TrainState(meta["step"], meta["epoch"], meta["batches_in_epoch"], data_workers)
+
+
+def _order_differs(meta: dict, world_size: int, data_workers: int | None) -> bool:
+    """Whether this run reads an epoch in another order than the run that saved `meta`: another world
+    size, or another number of data streams per process (its workers; without workers, the process)."""
+    if meta["world_size"] != world_size:
+        return True
+    saved = meta.get("data_workers")  # absent from checkpoints of earlier versions: unknown
+    return saved is not None and max(1, saved) != max(1, data_workers or 0)
 
 
 # ------------------------------------------------------------------------------------ inference / export

@@ -55,11 +55,11 @@ def train(cfg: Config) -> dict:
         model.decoder.step = torch.compile(model.decoder.step, dynamic=True)
     if resume_from:
         check_compatible(resume_from, model, data.vocab)
-        state = load_checkpoint(resume_from, model, optimizer, scheduler, acc)
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, acc, data.train_workers(acc.num_processes))
         acc.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, "
                   f"batch {state.batches_in_epoch})")
     else:
-        state = TrainState()
+        state = TrainState(data_workers=data.train_workers(acc.num_processes))
         standardize_features(model, data, cfg, acc)
     model, optimizer = acc.prepare(model, optimizer)  # not the loader: the pipeline splits shards itself
     evaluator = make_evaluator(data, cfg, acc)

@@ -160,15 +160,19 @@ def test_a_preemption_at_an_evaluation_step_loses_no_evaluation(demo_shards, tmp
     assert [r["step"] for r in logged(run, "val_loss")] == list(range(1, 13))
 
 
-def test_resuming_with_more_accumulation_ends_each_epoch_where_it_ends_with_a_shorter_step(demo_shards, tmp_path):
+def test_resuming_with_more_accumulation_ends_each_epoch_where_it_ends_with_a_shorter_step(demo_shards, tmp_path,
+                                                                                         caplog):
     """Saved 3 batches into an epoch of 12 with grad_accum_steps=1, resumed with 2: steps of 2, 2, 2, 2
-    and 1 finish that epoch; the next epoch is 6 steps of 2, read from the same loader."""
+    and 1 finish that epoch; the next epoch is 6 steps of 2, read from the same loader. Resumed with 2
+    data workers where there were none, the rest of the epoch comes in another order: a warning says so."""
     first = tiny_overrides(demo_shards, tmp_path, "train.epochs=2", "checkpoint.every_steps=3", "checkpoint.keep_last=10")
     train(load_config(ROOT / "configs" / "demo.yaml", first))
     saved = tmp_path / "tiny" / "checkpoints" / "step-000003"
     assert json.loads((saved / "state.json").read_text())["batches_in_epoch"] == 3
     train(load_config(ROOT / "configs" / "demo.yaml",
-                      [*first, "run_name=more-accum", f"resume={saved}", "train.grad_accum_steps=2"]))
+                      [*first, "run_name=more-accum", f"resume={saved}", "train.grad_accum_steps=2",
+                       "data.num_workers=2"]))
+    assert "by 1 process(es) with 0 data workers each; this run has 1 with 2" in caplog.text
     state = json.loads((latest_checkpoint(tmp_path / "more-accum") / "state.json").read_text())
     assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (3 + 5 + 6, 2, 0)
     evaluated = logged(tmp_path / "more-accum", "val_loss")

@@ -26,9 +26,13 @@ class CaptionData:
     def collate(self) -> Collate:
         return Collate(self.vocab, self.cfg.text.max_length, self.cfg.data.captions_per_image)
 
+    def train_workers(self, world_size: int) -> int:
+        """Data workers per process: each needs shards of its own. The data order depends on it."""
+        return min(self.cfg.data.num_workers, len(self.train_shards) // world_size)
+
     def train_loader(self, *, epoch: int, skip: int, num_batches: int, rank: int, world_size: int, epochs: int = 1):
         d = self.cfg.data
-        workers = min(d.num_workers, len(self.train_shards) // world_size)  # each needs shards of its own
+        workers = self.train_workers(world_size)
         if workers < d.num_workers:
             log.warning("data.num_workers=%d, but %d train shards feed only %d workers in each of %d processes: "
                         "using %d (write smaller shards for more)", d.num_workers, len(self.train_shards),
