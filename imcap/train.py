@@ -38,6 +38,7 @@ def train(cfg: Config) -> dict:
     """Train as configured; returns the last evaluation's scores."""
     acc = make_accelerator(cfg)
     set_seed(cfg.train.seed)  # the same initial weights on every process
+    checkpointer = Checkpointer(cfg.run_dir, acc, cfg.checkpoint.keep_last)  # first: it tidies up after a crash
     resume_from = broadcast_object(acc, resolve_resume(cfg.resume, cfg.run_dir))  # rank 0 decides, before any long work
     stop = StopFlag(cfg.train.preemption_signal)
     metrics = MetricsLog(cfg, acc)
@@ -48,7 +49,6 @@ def train(cfg: Config) -> dict:
                                         cfg.train.grad_accum_steps) // cfg.train.grad_accum_steps
     total_steps = steps_per_epoch * cfg.train.epochs
     scheduler = make_scheduler(optimizer, cfg.train.warmup_steps, total_steps)
-    checkpointer = Checkpointer(cfg.run_dir, acc, cfg.checkpoint.keep_last)
 
     data = use_feature_cache(model, data, cfg, acc)
     if cfg.train.compile:  # the recurrence's step is where the time goes; its batch shrinks, so dynamic shapes
