@@ -12,12 +12,13 @@ import torch
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 VOCAB_FILE = "vocab.json"  # beside the shards, in every checkpoint
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_WORD = re.compile(r"[^\W_]+(?:'[^\W\d_]+)?")  # letters and digits of any script; after ' letters only
 
 
 def tokenize(caption: str) -> list[str]:
-    """Lowercase, punctuation stripped: "A dog's ball, red." -> ["a", "dog's", "ball", "red"]."""
-    return _WORD.findall(caption.lower())
+    """Lowercase, punctuation stripped: "A dog's ball, red." -> ["a", "dog's", "ball", "red"]; "café" and
+    "猫" are words too, and a curly apostrophe (dog’s) is the straight one."""
+    return _WORD.findall(caption.lower().replace("\u2019", "'"))
 
 
 class Vocabulary:

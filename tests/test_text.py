@@ -40,3 +40,7 @@ def test_loading_a_file_that_is_not_a_vocabulary_names_it(tmp_path):
     bad.write_text('{"tokens": []}')
     with pytest.raises(ValueError, match="vocab.json is not an imcap vocabulary"):
         Vocabulary.load(bad)
+
+
+def test_tokenize_keeps_accented_and_cjk_words_whole_and_reads_a_curly_apostrophe_as_one():
+    assert tokenize("Café crème, the dog’s bowl; 猫が座る") == ["café", "crème", "the", "dog's", "bowl", "猫が座る"]
