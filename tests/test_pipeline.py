@@ -101,6 +101,18 @@ def test_corrupt_and_captionless_samples_are_skipped_and_counted(tmp_path):
     assert batches[0]["skipped"] == 5
 
 
+@pytest.mark.parametrize("fmt, jpeg_on_device", [("PNG", False), ("JPEG", False), ("JPEG", True)])
+def test_an_image_over_the_pixel_limit_is_skipped_as_the_build_leaves_it_out(monkeypatch, fmt, jpeg_on_device):
+    """PIL only warns between MAX_IMAGE_PIXELS and twice that; the limit is lowered here to keep the images small."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    ext = fmt.lower().replace("jpeg", "jpg")
+    small = sample("small", image_bytes(Image.new("RGB", (30, 30)), fmt), ext)  # 900 pixels
+    bomb = sample("bomb", image_bytes(Image.new("RGB", (40, 40)), fmt), ext)  # 1,600: a warning only, to PIL
+    decode_sample(small, 32, None, jpeg_on_device)
+    with pytest.raises(SampleError, match="DecompressionBombWarning"):
+        decode_sample(bomb, 32, None, jpeg_on_device)
+
+
 def smooth_picture(width: int, height: int, seed: int) -> Image.Image:
     """Gradients and a few blobs: different resizers agree on it to within a grey level or two."""
     y, x = np.mgrid[0:height, 0:width] / max(width, height)

@@ -21,7 +21,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from imcap.data import sources
-from imcap.data.pipeline import DataError, SampleError, decode_image, decode_sample, list_shards
+from imcap.data.pipeline import DataError, SampleError, decode_image, decode_sample, list_shards, open_image
 from imcap.data.shards import SIZES_FILE, ShardWriter, read_sizes, update_sizes
 from imcap.data.sources import Problem, Record, Source, SourceError, read_shard
 from imcap.text import VOCAB_FILE, Vocabulary
@@ -124,10 +123,8 @@ def stored_image(data: bytes, resize: int, quality: int) -> tuple[str, bytes]:
     Kept as they are unless resize asks to shrink them (shorter side to `resize`, aspect kept, JPEG at
     `quality`) or their format is one the pipeline does not read (stored as PNG, losslessly)."""
     try:
-        with warnings.catch_warnings():  # PIL only warns between MAX_IMAGE_PIXELS and twice that
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                fmt, (width, height) = image.format, image.size
+        with open_image(data) as image:
+            fmt, (width, height) = image.format, image.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _ImageProblem("decompression bomb", str(e)) from None
     except Exception as e:

@@ -25,6 +25,7 @@ import json
 import itertools
 import logging
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,9 +85,16 @@ def count_samples(shards: list[str]) -> int:
 
 # ------------------------------------------------------------------------------------------- samples
 
+def open_image(data: bytes) -> Image.Image:
+    """Image.open, with an image over Image.MAX_IMAGE_PIXELS an error (PIL only warns up to twice that)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
 def decode_image(data: bytes, image_size: int) -> Image.Image:
     """Image bytes -> RGB PIL image, drafted down (JPEG) towards image_size where the format allows."""
-    image = Image.open(io.BytesIO(data))
+    image = open_image(data)
     image.draft("RGB", (image_size, image_size))  # JPEG decodes at 1/2, 1/4, 1/8 scale when that suffices
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: scale, don't clip
         array = np.asarray(image, dtype=np.float64)
@@ -124,7 +132,7 @@ def jpeg_for_device(data: bytes, size: int, rng: random.Random | None) -> dict |
     """A JPEG left for the training process to decode (nvJPEG on a GPU), with its crop from the
     header alone; None for what the device decoder does not take (not a JPEG, CMYK, 16-bit...) and
     for a JPEG without its end marker: nvJPEG decodes a truncated file without an error, PIL refuses it."""
-    image = Image.open(io.BytesIO(data))  # reads the header; a bad one raises, and the sample is skipped
+    image = open_image(data)  # reads the header; a bad one raises, and the sample is skipped
     if image.format not in ("JPEG", "MPO") or image.mode not in ("RGB", "L") or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
         return None
     return {"bytes": torch.frombuffer(bytearray(data), dtype=torch.uint8),
