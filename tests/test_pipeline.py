@@ -1,6 +1,7 @@
 """The WebDataset pipeline on real tars: decoding, skipping bad samples, equal epochs, exact coverage."""
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -310,3 +311,11 @@ def test_missing_shards_and_sizes_are_errors_naming_the_place(tmp_path, demo_sha
 def test_brace_patterns_select_shards(demo_shards):
     shards = list_shards(f"{demo_shards}/train-{{000000..000002}}.tar", "train")
     assert [Path(s).name for s in shards] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+
+
+def test_a_pattern_for_both_splits_gives_each_split_its_own_shards(demo_shards):
+    pattern = f"{demo_shards}/{{train,val}}-{{000000..000002}}.tar"
+    assert [Path(s).name for s in list_shards(pattern, "val")] == ["val-000000.tar", "val-000001.tar", "val-000002.tar"]
+    assert all(Path(s).name.startswith("train-") for s in list_shards(pattern, "train"))
+    with pytest.raises(DataError, match=re.escape(f"no shards for split 'test' at {pattern}")):
+        list_shards(pattern, "test")

@@ -508,7 +508,7 @@ def write_img2dataset_shards(directory: Path) -> dict[str, tuple[bytes, str | No
 
 def test_img2dataset_shards_are_read_by_the_trainer_once_check_fixes_their_sizes(tmp_path, capsys):
     written = write_img2dataset_shards(tmp_path / "laion")
-    shards = list_shards(str(tmp_path / "laion" / "{00000..00001}.tar"), "train")
+    shards = list_shards(str(tmp_path / "laion" / "{00000..00001}.tar"))
     with pytest.raises(DataError, match="--fix-sizes"):
         count_samples(shards)
 

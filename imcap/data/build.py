@@ -352,7 +352,7 @@ def cmd_check(args) -> None:
 def _read_webdataset(args) -> Source:
     out = Path(args.out).resolve()
     for split, spec in args.split:
-        if any(Path(shard).resolve().parent == out for shard in sources.list_shards(spec, split)):
+        if any(Path(shard).resolve().parent == out for shard in sources.webdataset_shards(spec, split)):
             raise SourceError(f"{spec} is in the output directory {args.out}: re-shard into another directory")
     return sources.read_webdataset(args.split)
 

@@ -58,14 +58,15 @@ class SampleError(ValueError):
 
 def list_shards(spec: str, split: str | None = None) -> list[str]:
     """A directory (its `{split}-*.tar`; every .tar without a split, img2dataset's 00000.tar too) or a
-    brace/glob pattern -> sorted shard paths."""
+    brace/glob pattern (its `{split}-*.tar`, with a split: one pattern may name both splits) -> sorted shard paths."""
     if Path(spec).is_dir():
         shards = sorted(glob.glob(str(Path(spec) / (f"{split}-*.tar" if split else "*.tar"))))
     else:
-        shards = sorted(p for pattern in wds.shardlists.expand_urls(spec) for p in glob.glob(pattern))
+        shards = sorted(p for pattern in wds.shardlists.expand_urls(spec) for p in glob.glob(pattern)
+                        if not split or Path(p).name.startswith(f"{split}-"))
     if not shards:
         what, files = (f"shards for split {split!r}", f"{split}-NNNNNN.tar") if split else (".tar shards", ".tar")
-        raise DataError(f"no {what} at {spec}: expected {files} files in that directory (build them with "
+        raise DataError(f"no {what} at {spec}: expected {files} files there (build them with "
                         "`imcap shards build`) or a pattern like dir/train-{000000..000009}.tar")
     return shards
 

@@ -388,7 +388,12 @@ def read_webdataset(split_shards: list[tuple[str, str]]) -> Source:
     """(split, shards) pairs, shards a directory (its {split}-*.tar) or a brace/glob pattern such as
     'laion/{00000..00099}.tar' (img2dataset). Samples as the trainer reads them; shard order kept."""
     return Source("webdataset " + " ".join(spec for _, spec in split_shards),
-                  {split: _shard_records(list_shards(spec, split)) for split, spec in split_shards})
+                  {split: _shard_records(webdataset_shards(spec, split)) for split, spec in split_shards})
+
+
+def webdataset_shards(spec: str, split: str) -> list[str]:
+    """A directory's {split}-*.tar, or every shard a pattern names: its split is the one it is given for."""
+    return list_shards(spec, split if Path(spec).is_dir() else None)
 
 
 def read_shard(shard: str, errors: list[str]) -> Iterator[dict]:
