@@ -319,3 +319,20 @@ def test_a_pattern_for_both_splits_gives_each_split_its_own_shards(demo_shards):
     assert all(Path(s).name.startswith("train-") for s in list_shards(pattern, "train"))
     with pytest.raises(DataError, match=re.escape(f"no shards for split 'test' at {pattern}")):
         list_shards(pattern, "test")
+
+
+@pytest.mark.timeout(60)  # without the check, a worker whose shards hold nothing usable reads them for ever
+@pytest.mark.parametrize("broken", ["null captions", "corrupt images"])
+def test_shards_without_a_usable_sample_are_an_error_naming_them_not_an_endless_loop(tmp_path, broken):
+    png = image_bytes(Image.new("RGB", (8, 8)), "PNG")
+    with ShardWriter(tmp_path, "train", max_samples=4) as writer:
+        for i in range(4):
+            writer.write({"__key__": f"good{i}", "png": png, "json": b'{"caption": "a black square"}'})
+        for i in range(4):
+            writer.write({"__key__": f"bad{i}", "png": png[:20] if broken == "corrupt images" else png,
+                          "json": b'{"caption": null}' if broken == "null captions" else b'{"caption": "a thing"}'})
+    shards, collate = list_shards(str(tmp_path), "train"), Collate(Vocabulary.build(["a black square"], 1), 5, 1)
+    kw = {**TRAIN, "world_size": 2, "num_batches": 2, "skip": 0, "num_workers": 0, "batch_size": 2}
+    assert len(stream_ids(shards, collate, rank=0, **kw)) == 2  # rank 0 owns the good shard, rank 1 the bad one
+    with pytest.raises(DataError, match=re.escape(f"no usable sample in {shards[1]}: 4 skipped")):
+        stream_ids(shards, collate, rank=1, **kw)

@@ -301,10 +301,12 @@ def _seeded(*parts) -> random.Random:
 
 
 class _SkipCounter:
-    """Counts samples dropped by a handler or by decoding, so each batch can report them."""
+    """Counts samples dropped by a handler or by decoding, so each batch can report them, and the
+    samples decoded, so TrainStream can tell a pass over its shards that yields none."""
 
     def __init__(self):
         self.skipped = 0
+        self.decoded = 0
 
     def handler(self, exn: Exception) -> bool:
         self.skipped += 1
@@ -325,6 +327,7 @@ def _batches(samples, decode, collate, batch_size: int, counter: _SkipCounter, r
             counter.skipped += 1
             log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), e)
             continue
+        counter.decoded += 1
         if len(batch) == batch_size:
             out = collate(batch, rng)
             out["skipped"] = counter.take()
@@ -391,14 +394,13 @@ class TrainStream(IterableDataset):
         for repeat in itertools.count():
             if repeat:
                 _seeded(self.seed, epoch, self.rank, worker, repeat).shuffle(mine)
-            read = 0
-            for sample in wds.DataPipeline(lambda: ({"url": u} for u in mine),
-                                           wds.tarfile_to_samples(handler=counter.handler),
-                                           wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)):
-                read += 1
-                yield sample
-            if read == 0:
-                raise DataError(f"no readable sample in {', '.join(mine)}")
+            decoded, skipped = counter.decoded, counter.skipped
+            yield from wds.DataPipeline(lambda: ({"url": u} for u in mine),
+                                        wds.tarfile_to_samples(handler=counter.handler),
+                                        wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
+            if counter.decoded == decoded:  # every sample yielded has been decoded (or skipped) by now
+                raise DataError(f"no usable sample in {', '.join(mine)}: {counter.skipped - skipped} skipped "
+                                "(the warnings above say why); remove or rebuild these shards")
 
 
 @dataclass
