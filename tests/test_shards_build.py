@@ -534,3 +534,16 @@ def test_img2dataset_shards_reshard_into_imcap_shards(tmp_path):
     for key, sample in samples.items():
         assert sample["jpg"] == written[key][0]
         assert json.loads(sample["json"]) == {"image_id": key, "captions": [written[key][1]]}
+
+
+def test_a_caption_json_that_is_not_utf8_is_left_out_of_a_reshard_and_reported_with_its_shard_and_key(tmp_path):
+    jpg = image_bytes(Image.new("RGB", (16, 16), "red"), "JPEG")
+    with wds.TarWriter(str(tmp_path / "00000.tar")) as tar:
+        tar.write({"__key__": "good", "jpg": jpg, "json": b'{"caption": "a red square"}'})
+        tar.write({"__key__": "latin1", "jpg": jpg, "json": b'{"caption": "caf\xe9 sign"}'})
+        tar.write({"__key__": "latin1txt", "jpg": jpg, "json": b'{"caption": "caf\xe9"}', "txt": b"a cafe"})
+    report = build(read_webdataset([("train", str(tmp_path / "*.tar"))]), tmp_path / "out")
+
+    assert sorted(shard_samples(tmp_path / "out")) == ["good"]
+    assert [(p["reason"], p["file"]) for p in report["problems"]] == [
+        ("unreadable caption JSON", f"{tmp_path / '00000.tar'}:{key}") for key in ("latin1", "latin1txt")]

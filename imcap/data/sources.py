@@ -416,14 +416,16 @@ def _shard_records(shards: list[str]) -> Iterator[Record | Problem]:
                 yield Problem("no image", origin, f"expected one of {', '.join(IMAGE_EXTENSIONS)}")
                 continue
             try:
+                sample_id = image_id(sample)  # reads the JSON, if there is one
+            except ValueError as e:  # not JSON, or not UTF-8
+                yield Problem("unreadable caption JSON", origin, str(e))
+                continue
+            try:
                 captions = tuple(sample_captions(sample))
             except SampleError:
                 captions = ()
-            except UnicodeDecodeError:  # the builder drops it and says why
+            except UnicodeDecodeError:  # of the txt: the builder drops it and says why
                 captions = (sample["txt"].decode("utf-8", "surrogateescape"),)
-            except ValueError as e:
-                yield Problem("unreadable caption JSON", origin, str(e))
-                continue
-            yield Record(sample_key(sample["__key__"]), image_id(sample), captions, origin, data=sample[ext])
+            yield Record(sample_key(sample["__key__"]), sample_id, captions, origin, data=sample[ext])
         if errors:
             yield Problem("unreadable shard", shard, errors[0])
