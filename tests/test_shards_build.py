@@ -321,6 +321,14 @@ def test_a_table_without_the_caption_column_is_an_error_naming_file_and_columns(
         read_table([("train", tmp_path / "t.csv")], None, "image", "caption")
 
 
+def test_an_image_in_the_tables_of_two_splits_is_an_error_naming_both(tmp_path):
+    (tmp_path / "train.csv").write_text("image,caption\n0.jpg,a dog\n1.jpg,a cat\n")
+    (tmp_path / "val.csv").write_text("image,caption\n1.jpg,a cat on a mat\n2.jpg,a bird\n")
+    with pytest.raises(SourceError, match=r"val\.csv: 1\.jpg is in split 'val' here and in 'train' in .*train\.csv; "
+                                          "an image must be in one split only"):
+        read_table([("train", tmp_path / "train.csv"), ("val", tmp_path / "val.csv")], None, "image", "caption")
+
+
 def test_a_karpathy_entry_without_sentences_is_an_error_naming_it(tmp_path):
     (tmp_path / "k.json").write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "train"}]}))
     with pytest.raises(SourceError, match=r"k\.json: images\[0\] has no 'sentences'"):

@@ -239,6 +239,7 @@ def read_table(tables: list[tuple[str | None, Path]], image_dir: Path | None, im
     CSV/TSV cell holding a JSON list of strings). Image paths are relative to image_dir (default: the
     table's directory); an image's id is its path without the extension."""
     records: dict[str, list[Record]] = {}
+    owner: dict[Path, tuple[str, Path]] = {}  # image file -> (split, table): an image in two splits would leak
     problems = []
     columns = (image_column, caption_column, *([split_column] if split_column else []))
     for split, table in tables:
@@ -248,7 +249,12 @@ def read_table(tables: list[tuple[str | None, Path]], image_dir: Path | None, im
         problems += row_problems
         directory = Path(image_dir) if image_dir else table.parent
         for name, (image_split, captions) in images.items():
-            records.setdefault(image_split, []).append(_image_record(name, captions, directory))
+            record = _image_record(name, captions, directory)
+            known_split, known_table = owner.setdefault(record.path, (image_split, table))
+            if known_split != image_split:
+                raise SourceError(f"{table}: {name} is in split {image_split!r} here and in {known_split!r} in "
+                                  f"{known_table}; an image must be in one split only")
+            records.setdefault(image_split, []).append(record)
     splits = {split: _by_key(split_records) for split, split_records in records.items()}
     return Source("table " + " ".join(str(t) for _, t in tables), splits, problems)
 
