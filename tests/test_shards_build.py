@@ -226,6 +226,24 @@ def test_every_layout_of_the_same_data_gives_the_same_samples(flickr, layout, mo
     assert read_sizes(flickr["tmp"] / "from-layout") == read_sizes(flickr["tmp"] / "from-csv")
 
 
+def test_imagefolder_images_of_one_name_in_two_folders_are_two_samples(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    split = tmp_path / "imagefolder" / "train"
+    for folder, colour in (("cats", "red"), ("dogs", "green")):
+        (split / folder).mkdir(parents=True)
+        Image.new("RGB", (16, 16), colour).save(split / folder / "1.jpg")
+    (split / "metadata.jsonl").write_text('{"file_name": "cats/1.jpg", "text": "a cat"}\n'
+                                          '{"file_name": "dogs/1.jpg", "text": "a dog"}\n')
+    report = build(read_hf(str(tmp_path / "imagefolder"), "image", "text"), tmp_path / "out")
+
+    assert report["problems"] == []
+    samples = shard_samples(tmp_path / "out")
+    assert {key: json.loads(s["json"]) for key, s in samples.items()} == {
+        "cats_1": {"image_id": "cats/1", "captions": ["a cat"]}, "dogs_1": {"image_id": "dogs/1", "captions": ["a dog"]}}
+
+
 # -------------------------------------------------------------------------------------------- bad input
 
 def png_claiming_size(width: int, height: int) -> bytes:

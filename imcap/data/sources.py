@@ -330,7 +330,8 @@ def read_hf(dataset: str, image_column: str, caption_column: str, splits: list[t
 
     splits: (imcap split, dataset split) pairs; default every split of the dataset, `validation` named val.
     The image column holds images (their original bytes or files are used) or paths. An image's id is
-    id_column's value, else its file name without the extension, else its row number. Row order is kept."""
+    id_column's value, else its file name without the extension (in an imagefolder, as its metadata names
+    it: cats/1), else its row number. Row order is kept."""
     import datasets  # slow to import, and only this source needs it
 
     path = Path(dataset)
@@ -365,6 +366,9 @@ def read_hf(dataset: str, image_column: str, caption_column: str, splits: list[t
     return Source(f"hf {dataset}", records)
 
 
+IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+
+
 class _HFRecords:
     """The records of one dataset split, read row by row (a sized iterable, for the progress bar)."""
 
@@ -383,9 +387,20 @@ class _HFRecords:
             file = image.get("path") if isinstance(image, dict) else image
             path = None if data is not None or not file else (self.root / file if self.root else Path(file))
             image_id = (row[self.id_column] if self.id_column
-                        else PurePath(file).stem if file else f"{number:08d}")
+                        else self._name(file) if file else f"{number:08d}")
             yield Record(sample_key(str(image_id)), image_id, tuple(_cell_captions(row[self.caption_column])),
                          str(path) if path else f"{self.name} row {number}", path, data)
+
+    def _name(self, file: str) -> str:
+        """A local imagefolder's image: its path relative to the folder of the metadata file naming it (its
+        split's, or the dataset's), without the extension, as that file names it (cats/1.jpg -> cats/1);
+        other images: the file name without the extension."""
+        if self.root and Path(file).is_absolute():
+            root = self.root.resolve()
+            for folder in Path(file).parents:
+                if folder == root or any((folder / name).exists() for name in IMAGEFOLDER_METADATA):
+                    return str(Path(file).relative_to(folder).with_suffix(""))
+        return PurePath(file).stem
 
 
 # ------------------------------------------------------------------------------ WebDataset / img2dataset
