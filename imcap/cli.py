@@ -42,7 +42,6 @@ def cmd_features(args) -> None:
     from accelerate.utils import set_seed
 
     from imcap import features
-    from imcap.data.shards import read_sizes
     from imcap.model.encoder import EncoderCNN
 
     cfg = load_config(args.config, args.overrides)
@@ -53,8 +52,7 @@ def cmd_features(args) -> None:
     device = "cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu"
     sizes = features.build_cache_shards(encoder, cfg.data.shards, [cfg.data.train_split, cfg.data.val_split], out,
                                         cfg.data.image_size, args.batch_size, device, args.dtype)
-    features.finish_cache(out, cfg.data.shards, {**read_sizes(out), **sizes}, encoder, cfg.data.image_size,
-                          enc.weights, args.dtype)
+    features.finish_cache(out, cfg.data.shards, sizes, encoder, cfg.data.image_size, enc.weights, args.dtype)
     print(f"{sum(sizes.values())} images cached in {out}; train from it with data.shards={out} "
           f"(or data.feature_cache=true, which finds it)")
 

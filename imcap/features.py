@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import torch
@@ -59,7 +60,7 @@ def build_cache_shards(encoder: EncoderCNN, source: str, splits: list[str], out_
                        rank: int = 0, world_size: int = 1) -> dict[str, int]:
     """Write this rank's share of the cache shards (every world_size-th); returns their sizes.
 
-    Shards already complete in out_dir are kept, so an interrupted build continues where it stopped.
+    Shards already complete in out_dir are kept (and counted), so an interrupted build continues where it stopped.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,8 @@ def build_cache_shards(encoder: EncoderCNN, source: str, splits: list[str], out_
     shards = [s for split in splits for s in list_shards(source, split)]
     for shard in shards[rank::world_size]:
         target = out_dir / Path(shard).name
-        if target.exists():
+        if target.exists():  # written by an interrupted build
+            sizes[target.name] = _cached_samples(target)
             continue
         with TarShard(target) as tar:
             batch: list[dict] = []
@@ -85,6 +87,11 @@ def build_cache_shards(encoder: EncoderCNN, source: str, splits: list[str], out_
                 _write_batch(tar, batch, encoder, device, DTYPES[dtype])
         sizes[target.name] = tar.count
     return sizes
+
+
+def _cached_samples(cache_shard: Path) -> int:
+    with tarfile.open(cache_shard) as tar:
+        return sum(name.endswith(".safetensors") for name in tar.getnames())
 
 
 def _write_batch(tar: TarShard, batch: list[dict], encoder: EncoderCNN, device, dtype) -> None:

@@ -10,6 +10,8 @@ from imcap.cli import main as imcap
 from imcap.config import load_config
 from imcap.data.pipeline import DataError, list_shards
 from imcap.data.shards import read_sizes
+from imcap.features import build_cache_shards, finish_cache
+from imcap.model.encoder import EncoderCNN
 from imcap.train import train
 
 
@@ -44,3 +46,18 @@ def test_a_cache_made_with_another_encoder_is_refused(cache, tmp_path, change, w
     overrides = tiny_overrides(cache, tmp_path, "data.train_crop=center", change)
     with pytest.raises(DataError, match=f"made with another encoder .*now .*{what}"):
         train(load_config(ROOT / "configs" / "demo.yaml", overrides))
+
+
+def cache_val_split(source, out) -> dict:
+    """build_cache_shards on the val split (3 shards, 32 images), with the encoder `weights: none` gives."""
+    torch.manual_seed(0)
+    return build_cache_shards(EncoderCNN("none", channels_last=False), str(source), ["val"], out, 64, 16, "cpu")
+
+
+def test_a_resumed_cache_build_counts_the_shards_it_keeps(demo_shards, tmp_path):
+    out = tmp_path / "cache"
+    cache_val_split(demo_shards, out)
+    (out / "val-000001.tar").unlink()  # as if interrupted before writing it (and before finish_cache)
+    sizes = cache_val_split(demo_shards, out)
+    val_sizes = {name: n for name, n in read_sizes(demo_shards).items() if name.startswith("val-")}
+    assert sizes == val_sizes
