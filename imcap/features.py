@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tarfile
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from safetensors.torch import save as save_safetensors
 
 from imcap.data.pipeline import DataError, SampleError, decode_sample, list_shards
 from imcap.data.shards import SIZES_FILE, TarShard, update_sizes
+from imcap.data.sources import read_shard
 from imcap.model.encoder import EncoderCNN
 from imcap.text import VOCAB_FILE
 
+log = logging.getLogger(__name__)
 CACHE_FILE = "cache.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -74,7 +76,8 @@ def build_cache_shards(encoder: EncoderCNN, source: str, splits: list[str], out_
             continue
         with TarShard(target) as tar:
             batch: list[dict] = []
-            for sample in wds.DataPipeline(lambda: iter([{"url": shard}]), wds.tarfile_to_samples()):
+            errors: list[str] = []
+            for sample in read_shard(shard, errors):  # a truncated tar: its samples up to the cut
                 try:
                     decoded = decode_sample(sample, image_size, None)
                 except SampleError:
@@ -85,6 +88,8 @@ def build_cache_shards(encoder: EncoderCNN, source: str, splits: list[str], out_
                     batch = []
             if batch:
                 _write_batch(tar, batch, encoder, device, DTYPES[dtype])
+            if errors:  # skipped as the trainer's reader skips it
+                log.warning("%s: unreadable after %d cached samples: %s", shard, tar.count, errors[0])
         sizes[target.name] = tar.count
     return sizes
 

@@ -61,3 +61,13 @@ def test_a_resumed_cache_build_counts_the_shards_it_keeps(demo_shards, tmp_path)
     sizes = cache_val_split(demo_shards, out)
     val_sizes = {name: n for name, n in read_sizes(demo_shards).items() if name.startswith("val-")}
     assert sizes == val_sizes
+
+
+def test_a_truncated_source_shard_is_cached_up_to_the_cut_and_reported(demo_shards, tmp_path, caplog):
+    source = tmp_path / "source"
+    shutil.copytree(demo_shards, source)
+    cut = source / "val-000001.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # e.g. a copy cut short
+    sizes = cache_val_split(source, tmp_path / "cache")
+    assert sizes["val-000000.tar"] == 12 and 0 < sizes["val-000001.tar"] < 12
+    assert f"{cut}: unreadable after {sizes['val-000001.tar']} cached samples: ReadError" in caplog.text
