@@ -5,12 +5,14 @@ A cache mirrors its source: for every `{split}-NNNNNN.tar` a tar of the same nam
 plus sizes.json and cache.json. cache.json records a digest of the frozen weights (BatchNorm
 statistics included) and the image size; the trainer refuses a cache whose digest differs from its
 own encoder's, so a cache is never used with an encoder, weights or image size it was not made with.
+It also records the source shards' fingerprint: a cache of shards rebuilt since is built again.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from imcap.data.pipeline import DataError, SampleError, decode_sample, list_shards
-from imcap.data.shards import SIZES_FILE, TarShard, update_sizes
+from imcap.data.shards import FEATURES_DIR, SIZES_FILE, TarShard, read_sizes, update_sizes
 from imcap.data.sources import read_shard
 from imcap.model.encoder import EncoderCNN
 from imcap.text import VOCAB_FILE
@@ -36,6 +38,17 @@ def encoder_digest(encoder: EncoderCNN, image_size: int) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def shards_fingerprint(source: str) -> dict:
+    """What a cache's source shards are, cheap to read: their sizes.json, and each shard's byte size and
+    modification time (a rebuild writes new files; tars are padded, so their sizes alone seldom change)."""
+    stats = {Path(shard).name: os.stat(shard) for shard in list_shards(source)}
+    return {"sizes": read_sizes(source), "shards": {name: [s.st_size, s.st_mtime_ns] for name, s in stats.items()}}
+
+
+def _made_from_other_shards(meta: dict | None, source: str) -> bool:
+    return meta is not None and meta.get("shards") != shards_fingerprint(source)
 
 
 def read_cache_meta(cache_dir: str | Path) -> dict | None:
@@ -62,16 +75,19 @@ def build_cache_shards(encoder: EncoderCNN, source: str, splits: list[str], out_
                        rank: int = 0, world_size: int = 1) -> dict[str, int]:
     """Write this rank's share of the cache shards (every world_size-th); returns their sizes.
 
-    Shards already complete in out_dir are kept (and counted), so an interrupted build continues where it stopped.
+    Shards already complete in out_dir are kept (and counted), so an interrupted build continues where it
+    stopped; none are kept from a finished cache of other shards than those now at source.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     encoder.eval().to(device)
+    # the same on every rank: finish_cache writes cache.json once every rank has built its share
+    stale = _made_from_other_shards(read_cache_meta(out_dir), source)
     sizes = {}
     shards = [s for split in splits for s in list_shards(source, split)]
     for shard in shards[rank::world_size]:
         target = out_dir / Path(shard).name
-        if target.exists():  # written by an interrupted build
+        if target.exists() and not stale:  # written by an interrupted build
             sizes[target.name] = _cached_samples(target)
             continue
         with TarShard(target) as tar:
@@ -112,18 +128,29 @@ def _write_batch(tar: TarShard, batch: list[dict], encoder: EncoderCNN, device, 
 
 def finish_cache(out_dir: str | Path, source: str, sizes: dict[str, int], encoder: EncoderCNN, image_size: int,
                  weights: str, dtype: str) -> None:
-    """Record sizes, the source's vocabulary and what the cache was made with; only then is it complete."""
+    """Record sizes, the source's vocabulary and what the cache was made with and from; only then is it
+    complete. Cache shards not in sizes (of source shards removed since) are removed."""
+    for leftover in Path(out_dir).glob("*.tar"):
+        if leftover.name not in sizes:
+            leftover.unlink()
+    (Path(out_dir) / SIZES_FILE).unlink(missing_ok=True)  # so that it lists exactly these shards
     update_sizes(out_dir, sizes)
     if (Path(source) / VOCAB_FILE).exists():
         shutil.copyfile(Path(source) / VOCAB_FILE, Path(out_dir) / VOCAB_FILE)
     meta = {"digest": encoder_digest(encoder, image_size), "weights": weights, "image_size": image_size,
-            "train_layer4": encoder.train_layer4, "dtype": dtype}
+            "train_layer4": encoder.train_layer4, "dtype": dtype, "shards": shards_fingerprint(source)}
     (Path(out_dir) / CACHE_FILE).write_text(json.dumps(meta, indent=1))
 
 
 def cache_dir_for(source: str, encoder: EncoderCNN, image_size: int) -> Path:
-    return Path(source) / "features" / encoder_digest(encoder, image_size)[:16]
+    return Path(source) / FEATURES_DIR / encoder_digest(encoder, image_size)[:16]
 
 
-def cache_is_complete(cache_dir: str | Path) -> bool:
-    return (Path(cache_dir) / CACHE_FILE).exists() and (Path(cache_dir) / SIZES_FILE).exists()
+def cache_is_complete(cache_dir: str | Path, source: str) -> bool:
+    """Finished (cache.json is written last), from the shards now at source."""
+    meta = read_cache_meta(cache_dir)
+    if _made_from_other_shards(meta, source):
+        log.warning("%s was made from other shards than those now at %s (rebuilt since): building it again",
+                    cache_dir, source)
+        return False
+    return meta is not None and (Path(cache_dir) / SIZES_FILE).exists()

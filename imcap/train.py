@@ -178,7 +178,7 @@ def use_feature_cache(model: Captioner, data: CaptionData, cfg: Config, acc: Acc
     if not d.feature_cache:
         return data
     cache = feature_cache.cache_dir_for(d.shards, encoder, d.image_size)
-    if not feature_cache.cache_is_complete(cache):
+    if not feature_cache.cache_is_complete(cache, d.shards):
         acc.print(f"caching the frozen encoder's features in {cache}")
         start = time.time()
         sizes = feature_cache.build_cache_shards(encoder, d.shards, [d.train_split, d.val_split], cache,

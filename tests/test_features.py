@@ -9,8 +9,8 @@ from conftest import ROOT, tiny_overrides
 from imcap.cli import main as imcap
 from imcap.config import load_config
 from imcap.data.pipeline import DataError, list_shards
-from imcap.data.shards import read_sizes
-from imcap.features import build_cache_shards, finish_cache
+from imcap.data.shards import ShardWriter, iter_tar_members, read_sizes
+from imcap.features import build_cache_shards, cache_is_complete, finish_cache
 from imcap.model.encoder import EncoderCNN
 from imcap.train import train
 
@@ -71,3 +71,30 @@ def test_a_truncated_source_shard_is_cached_up_to_the_cut_and_reported(demo_shar
     sizes = cache_val_split(source, tmp_path / "cache")
     assert sizes["val-000000.tar"] == 12 and 0 < sizes["val-000001.tar"] < 12
     assert f"{cut}: unreadable after {sizes['val-000001.tar']} cached samples: ReadError" in caplog.text
+
+
+def val_captions(shard_dir) -> list[list[str]]:
+    return [json.loads(data)["captions"] for shard in list_shards(str(shard_dir), "val")
+            for name, data in iter_tar_members(shard) if name.endswith(".json")]
+
+
+def test_a_cache_of_shards_rebuilt_in_place_is_built_again_from_the_new_shards(demo_shards, tmp_path, caplog):
+    source, cache = tmp_path / "source", tmp_path / "cache"
+    shutil.copytree(demo_shards, source)
+    torch.manual_seed(0)
+    encoder = EncoderCNN("none", channels_last=False)
+    finish_cache(cache, str(source), cache_val_split(source, cache), encoder, 64, "none", "bf16")
+    assert cache_is_complete(cache, str(source))
+
+    # the val shards rebuilt with other captions: the same names and sample counts
+    samples = [{"__key__": name.partition(".")[0], "png": data} for shard in list_shards(str(source), "val")
+               for name, data in iter_tar_members(shard) if name.endswith(".png")]
+    with ShardWriter(source, "val", max_samples=12) as writer:
+        for sample in samples:
+            meta = {"image_id": sample["__key__"], "captions": ["a new caption"]}
+            writer.write(sample | {"json": json.dumps(meta).encode()})
+    assert read_sizes(source) == read_sizes(demo_shards)
+    assert not cache_is_complete(cache, str(source)) and "building it again" in caplog.text
+
+    finish_cache(cache, str(source), cache_val_split(source, cache), encoder, 64, "none", "bf16")
+    assert cache_is_complete(cache, str(source)) and val_captions(cache) == [["a new caption"]] * 32

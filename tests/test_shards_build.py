@@ -355,6 +355,16 @@ def test_a_karpathy_entry_without_sentences_is_an_error_naming_it(tmp_path):
 
 # ----------------------------------------------------------------------------- interrupted and repeated
 
+def test_a_build_replacing_an_earlier_one_removes_the_feature_caches_made_from_it(tmp_path):
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.jpg")
+    (tmp_path / "captions.csv").write_text("image,caption\na.jpg,a black square\n")
+    source = read_table([("train", tmp_path / "captions.csv")], None, "image", "caption")
+    build(source, tmp_path / "shards")
+    (tmp_path / "shards" / "features" / "0123456789abcdef").mkdir(parents=True)  # as `imcap features build` makes
+    build(source, tmp_path / "shards")
+    assert not (tmp_path / "shards" / "features").exists()
+
+
 def test_same_inputs_and_options_give_byte_identical_shards(flickr):
     """Once here in one process, once through the command line in another (another hash seed) with a pool."""
     first = build(flickr_source(flickr), flickr["tmp"] / "first", workers=1, resize=128, quality=80)

@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from imcap.data import sources
 from imcap.data.pipeline import DataError, SampleError, decode_image, decode_sample, list_shards, open_image
-from imcap.data.shards import SIZES_FILE, ShardWriter, read_sizes, update_sizes
+from imcap.data.shards import FEATURES_DIR, SIZES_FILE, ShardWriter, read_sizes, update_sizes
 from imcap.data.sources import Problem, Record, Source, SourceError, read_shard
 from imcap.text import VOCAB_FILE, Vocabulary
 
@@ -192,10 +193,13 @@ def build_shards(source: Source, out_dir: str | Path, options: BuildOptions, wor
 
 
 def _remove_earlier_build(out_dir: Path, splits: Iterable[str]) -> None:
-    """Completion markers first, so that a build interrupted from here on never looks finished."""
+    """Completion markers first, so that a build interrupted from here on never looks finished; and the
+    feature caches made from the earlier shards."""
     earlier_shards = [out_dir / name for name in read_sizes(out_dir)]
     for name in (REPORT_FILE, VOCAB_FILE):
         (out_dir / name).unlink(missing_ok=True)
+    if (out_dir / FEATURES_DIR).exists():
+        shutil.rmtree(out_dir / FEATURES_DIR)
     same_splits = [p for split in splits for p in out_dir.glob(f"{glob.escape(split)}-{'[0-9]' * 6}.tar")]
     for path in {*earlier_shards, *same_splits, *out_dir.glob(".*.tar.tmp")}:  # .tmp: shards never finished
         path.unlink(missing_ok=True)

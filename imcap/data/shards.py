@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 SIZES_FILE = "sizes.json"
+FEATURES_DIR = "features"  # <shards>/features/<digest>/: feature caches made from the shards (imcap/features.py)
 
 
 def shard_name(split: str, index: int) -> str:
