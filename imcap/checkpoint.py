@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
-from imcap.config import Config, config_from_dict, save_config
+from imcap.config import Config, load_config, save_config
 from imcap.text import Vocabulary
 
 LATEST, BEST, STATE = "latest", "best", "state.json"
@@ -295,9 +294,7 @@ def load_for_inference(path: str | Path):
     from imcap.model import Captioner
 
     model_dir = find_model_dir(path)
-    tree = yaml.safe_load((model_dir / "config.yaml").read_text())
-    tree["model"]["encoder"]["weights"] = "none"  # every weight comes from the checkpoint
-    cfg = config_from_dict(tree)
+    cfg = load_config(model_dir / "config.yaml", ["model.encoder.weights=none"])  # every weight is in the checkpoint
     vocab = Vocabulary.load(model_dir / "vocab.json")
     model = Captioner(cfg.model, len(vocab))
     model.load_state_dict(load_file(model_dir / "model.safetensors"))

@@ -8,7 +8,6 @@ type or a value outside its allowed set is a `ConfigError` naming the key and wh
 from __future__ import annotations
 
 import dataclasses
-import re
 import signal
 import typing
 from dataclasses import dataclass, field
@@ -132,7 +131,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     tree: dict[str, Any] = {}
     if path is not None:
         try:
-            tree = yaml.load(Path(path).read_text(), Loader=_Loader) or {}
+            tree = yaml.load(Path(path).read_text(), Loader=_TextLoader) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as e:
@@ -143,17 +142,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-4)")
-        key, text = key.strip(), text.strip()
-        # a string key takes the text as written: YAML would read run_name=0123 as 83 and 2024-05-01 as a date
-        hint = _type_of(key)
-        as_text = hint is str or typing.get_origin(hint) is Literal or not text
-        _set_dotted(tree, key, text if as_text else yaml.load(text, Loader=_Loader))
-    cfg = _build(Config, tree, prefix="")
-    validate(cfg)
-    return cfg
-
-
-def config_from_dict(tree: dict) -> Config:
+        _set_dotted(tree, key.strip(), text.strip())
     cfg = _build(Config, tree, prefix="")
     validate(cfg)
     return cfg
@@ -183,6 +172,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.train.layer4_lr > 0, "train.layer4_lr must be > 0"),
+        (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (cfg.train.clip_grad_norm > 0, "train.clip_grad_norm must be > 0"),
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
@@ -192,6 +183,8 @@ def validate(cfg: Config) -> None:
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
         (cfg.eval.max_images >= 0, "eval.max_images must be >= 0"),
         (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0"),
+        (cfg.eval.no_repeat_ngram >= 0, "eval.no_repeat_ngram must be >= 0"),
+        (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
         (cfg.checkpoint.best_metric in (*METRICS, "val_loss"),
          f"checkpoint.best_metric must be one of {', '.join((*METRICS, 'val_loss'))}"),
@@ -204,27 +197,16 @@ def validate(cfg: Config) -> None:
             raise ConfigError(message)
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader whose only booleans are true and false (any case).
+class _TextLoader(yaml.SafeLoader):
+    """SafeLoader that reads every plain scalar as text; the config's declared types then read it.
 
-    YAML 1.1 also reads yes/no/on/off as booleans, which turns the documented
-    `mixed_precision: no` into False. Every other scalar resolves as in SafeLoader.
+    YAML 1.1's own guesses mangle config values: `mixed_precision: no` becomes False,
+    `run_name: 0123` becomes 83 and `3e-4` stays a string. Overrides are text too, so a file and
+    the command line read a value the same way.
     """
 
 
-# new lists, so SafeLoader (and yaml.safe_load elsewhere) keeps its resolvers
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|false)$", re.IGNORECASE), list("tTfF"))
-
-
-def _type_of(key: str):
-    """The declared type of a dotted key, or None where there is no such key (_build then names it)."""
-    hint = Config
-    for part in key.split("."):
-        hint = typing.get_type_hints(hint).get(part) if dataclasses.is_dataclass(hint) else None
-    return hint
+_TextLoader.yaml_implicit_resolvers = {}  # a new dict: SafeLoader keeps its resolvers
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -254,30 +236,22 @@ def _build(cls, tree: Any, prefix: str):
 def _coerce(hint, value: Any, key: str):
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".")
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a single value, not {value!r}")
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value
     if hint is bool:
-        if not isinstance(value, bool):
+        if value.lower() not in ("true", "false"):
             raise ConfigError(f"{key} must be true or false; got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer; got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number; got {value!r}")
-        return float(value)
+        return value.lower() == "true"
+    if hint in (int, float):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be {'an integer' if hint is int else 'a number'}; got {value!r}") from None
     if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key} must be a string; got {value!r}")
-        return str(value)
+        return value
     raise TypeError(f"config field {key} has an unsupported type {hint}")

@@ -20,8 +20,11 @@ def test_only_true_and_false_are_booleans_so_no_stays_a_string(tmp_path):
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
 
 
-@pytest.mark.parametrize("text", ["0123", "1_000", "12:30", "2024-05-01", "yes"])
-def test_a_string_key_given_by_override_keeps_its_text(text):
+@pytest.mark.parametrize("text", ["0123", "1_000", "12:30", "2024-05-01", "yes", "1e3", "~"])
+def test_a_string_key_keeps_its_text_in_a_file_and_an_override(tmp_path, text):
+    path = tmp_path / "x.yaml"
+    path.write_text(f"run_name: {text}\n")
+    assert load_config(path).run_name == text
     assert load_config(None, [f"run_name={text}"]).run_name == text
 
 
@@ -58,11 +61,23 @@ def test_every_shipped_config_loads():
     (["eval.every_steps=-1"], "eval.every_steps must be >= 0"),
     (["data.shuffle_buffer=-1"], "data.shuffle_buffer must be >= 0"),
     (["train.warmup_steps=-1"], "train.warmup_steps must be >= 0"),
+    (["checkpoint.every_steps=-5"], "checkpoint.every_steps must be >= 0"),
+    (["train.weight_decay=-0.1"], "train.weight_decay must be >= 0"),
+    (["train.layer4_lr=0"], "train.layer4_lr must be > 0"),
+    (["eval.no_repeat_ngram=-1"], "eval.no_repeat_ngram must be >= 0"),
+    (["train.lr=fast"], "train.lr must be a number; got 'fast'"),
 ])
 def test_bad_keys_and_values_are_errors_naming_the_key(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, override)
     assert message in str(error.value)
+
+
+def test_a_list_or_mapping_where_a_value_belongs_is_an_error(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("train:\n  lr: [1, 2]\n")
+    with pytest.raises(ConfigError, match="train.lr must be a single value"):
+        load_config(path)
 
 
 def test_unknown_key_in_a_yaml_file_is_an_error(tmp_path):
