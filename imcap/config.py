@@ -99,8 +99,8 @@ class EvalConfig:
     max_images: int = 0  # 0: the whole split
     batch_size: int = 64
     print_samples: int = 3
-    # False: evaluations during training skip the Java tools (PTB tokeniser, METEOR); the last one runs all
-    full_metrics_each_eval: bool = False
+    # which evaluations during training run METEOR, a Java process of about 10 s: the other scores need no Java run
+    meteor: Literal["last", "every", "never"] = "last"
 
 
 @dataclass
@@ -188,6 +188,8 @@ def validate(cfg: Config) -> None:
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
         (cfg.checkpoint.best_metric in (*METRICS, "val_loss"),
          f"checkpoint.best_metric must be one of {', '.join((*METRICS, 'val_loss'))}"),
+        (cfg.checkpoint.best_metric != "meteor" or cfg.eval.meteor == "every",
+         "checkpoint.best_metric=meteor needs eval.meteor=every: other evaluations do not compute it"),
         (isinstance(preemption_signal, signal.Signals) and preemption_signal not in (signal.SIGKILL, signal.SIGSTOP),
          f"train.preemption_signal must name a signal that can be caught, e.g. SIGUSR1; "
          f"got {cfg.train.preemption_signal!r}"),

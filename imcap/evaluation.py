@@ -31,8 +31,8 @@ class Evaluator:
         self.beam = {"beam_size": beam_size, "length_penalty": length_penalty, "no_repeat_ngram": no_repeat_ngram}
 
     @torch.no_grad()
-    def __call__(self, model, full_metrics: bool = True) -> dict:
-        """full_metrics=False skips METEOR for a quick score (the other scores are the same either way)."""
+    def __call__(self, model, meteor: bool = True) -> dict:
+        """meteor=False skips METEOR for a quick score (the other scores are the same either way)."""
         acc = self.accelerator
         model = acc.unwrap_model(model)
         was_training = model.training
@@ -64,7 +64,7 @@ class Evaluator:
         scores = None
         if acc.is_main_process and results:
             scores = caption_scores({i: c for i, c, _ in results}, {i: refs for i, _, refs in results},
-                                    meteor=full_metrics)
+                                    meteor=meteor)
         scores = broadcast_object(acc, scores)
         return {
             "val_loss": (loss_sum[0] / loss_sum[1].clamp(min=1)).item(),

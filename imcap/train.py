@@ -201,7 +201,7 @@ def make_evaluator(data: CaptionData, cfg: Config, acc: Accelerator) -> Evaluato
 
 def evaluate(evaluator: Evaluator, model, state: TrainState, metrics: MetricsLog, cfg: Config, final: bool) -> dict:
     start = time.time()
-    result = evaluator(model, full_metrics=final or cfg.eval.full_metrics_each_eval)
+    result = evaluator(model, meteor=cfg.eval.meteor == "every" or (final and cfg.eval.meteor == "last"))
     samples = result.pop("samples")
     result["eval_seconds"] = time.time() - start
     metrics.log({"split": cfg.data.val_split, **result}, state)

@@ -27,13 +27,14 @@ def shared_data() -> Path:
 
 
 def tiny_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    """configs/demo.yaml shrunk to seconds: small decoder, few images, one epoch."""
+    """configs/demo.yaml shrunk to seconds: small decoder, few images, one epoch, no METEOR (its Java
+    process takes 10 s of a test's time; test_metrics and test_evaluation check it)."""
     return [f"data.shards={shards}", "data.demo=false", f"runs_dir={run_dir}", "run_name=tiny",
             "data.batch_size=8", "data.captions_per_image=2", "data.num_workers=0", "data.feature_cache=false",
             "data.shuffle_buffer=16",
             "model.decoder.embed_dim=16", "model.decoder.hidden_dim=32", "model.decoder.attention_dim=16",
             "train.epochs=1", "train.warmup_steps=2", "train.log_every=2", "eval.batch_size=16",
-            "eval.max_length=12", "eval.print_samples=1", *extra]
+            "eval.max_length=12", "eval.print_samples=1", "eval.meteor=never", *extra]
 
 
 def run_env() -> dict:

@@ -49,6 +49,7 @@ def test_every_shipped_config_loads():
     (["data=3"], "data must be a mapping"),
     (["data.feature_cache=true", "data.train_crop=random"], "data.feature_cache needs data.train_crop=center"),
     (["checkpoint.best_metric=spice"], "checkpoint.best_metric must be one of"),
+    (["checkpoint.best_metric=meteor"], "checkpoint.best_metric=meteor needs eval.meteor=every"),
     (["train.clip_grad_norm=0"], "train.clip_grad_norm must be > 0"),
     (["train.clip_grad_norm=-1"], "train.clip_grad_norm must be > 0"),
     (["train.log_every=0"], "train.log_every must be >= 1"),

@@ -17,7 +17,8 @@ from imcap.train import train
 def trained(demo_shards, tmp_path_factory):
     """A tiny model trained for one epoch on the demo shards, and a val split of odd size (31 images)."""
     runs = tmp_path_factory.mktemp("runs")
-    train(load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(demo_shards, runs, "eval.max_images=8")))
+    train(load_config(ROOT / "configs" / "demo.yaml",
+                      tiny_overrides(demo_shards, runs, "eval.max_images=8", "eval.every_steps=5", "eval.meteor=last")))
     odd = build_demo(tmp_path_factory.mktemp("odd"), train_images=8, val_images=31, shard_samples=7)
     return runs / "tiny", odd
 
@@ -73,4 +74,5 @@ def test_training_logs_every_metric_of_its_evaluations(trained):
     model, _ = trained
     evaluations = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines() if '"split"' in line]
     assert evaluations and all({"val_loss", "bleu1", "bleu4", "rouge_l", "cider", "meteor"} <= set(e) for e in evaluations)
-    assert evaluations[-1]["meteor"] is not None  # the last evaluation runs the Java metrics too
+    assert [e["step"] for e in evaluations] == [5, 10, 12]
+    assert [e["meteor"] is None for e in evaluations] == [True, True, False]  # eval.meteor=last
