@@ -19,7 +19,8 @@ NAMES = {"Bleu_1": "bleu1", "Bleu_2": "bleu2", "Bleu_3": "bleu3", "Bleu_4": "ble
 @pytest.fixture(scope="module")
 def caption_set(shared_data_module):
     """12 Flickr8k images with their 5 human captions; predictions of varying quality: another image's
-    caption, a reference with words changed, a reference itself."""
+    caption, a reference with words changed, a reference itself, and one whose PTB tokens differ from
+    imcap's Python tokeniser's ("dog's", "ball,")."""
     references = defaultdict(list)
     with open(shared_data_module / "flickr8k" / "captions.txt", newline="") as f:
         for row in csv.DictReader(f):
@@ -30,7 +31,7 @@ def caption_set(shared_data_module):
     for n, i in enumerate(ids):
         refs = references[i]
         predictions[i] = [references[ids[(n + 1) % 12]][0], refs[0].replace(" a ", " the "),
-                          refs[1], "A dog runs through the grass ."][n % 4]
+                          refs[1], "The dog's red ball, in the grass!"][n % 4]
     return predictions, {i: references[i] for i in ids}
 
 
@@ -111,12 +112,10 @@ def test_without_java_meteor_is_unavailable_and_the_others_still_score(tmp_path)
     assert result.stderr.count("Java is not installed") == 1
 
 
-def test_a_quick_score_skips_only_meteor_so_checkpoints_compare_by_the_same_numbers():
+def test_a_quick_score_skips_only_meteor_so_checkpoints_compare_by_the_same_numbers(caption_set, our_scores):
     if not java_available():
         pytest.skip("Java is not installed: both scores tokenise in Python")
-    predictions = {"a": "the dog's ball , red", "b": "a man on a bike ."}  # where the tokenisers differ
-    references = {"a": ["The dog's red ball.", "a red ball of the dog"], "b": ["A man rides a bike!", "a cyclist"]}
-    full, quick = caption_scores(predictions, references), caption_scores(predictions, references, meteor=False)
+    full, quick = our_scores, caption_scores(*caption_set, meteor=False)
     assert quick["meteor"] is None and full["meteor"] > 0
     assert {k: v for k, v in quick.items() if k != "meteor"} == {k: v for k, v in full.items() if k != "meteor"}
 
