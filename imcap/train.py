@@ -64,8 +64,9 @@ def train(cfg: Config) -> dict:
     model, optimizer = acc.prepare(model, optimizer)  # not the loader: the pipeline splits shards itself
     evaluator = make_evaluator(data, cfg, acc)
 
+    threads = f" of {torch.get_num_threads()} CPU thread(s)" if acc.device.type == "cpu" else ""
     acc.print(f"{data.num_train_samples} train images, {len(data.vocab)} words, {acc.num_processes} "
-              f"process(es), {steps_per_epoch} steps per epoch, {total_steps} steps")
+              f"process(es){threads}, {steps_per_epoch} steps per epoch, {total_steps} steps")
     progress = tqdm(total=total_steps, initial=state.step, disable=not acc.is_main_process, dynamic_ncols=True)
     scores, scored_at = {}, None  # the last evaluation, and the step it evaluated
     epoch_batches = steps_per_epoch * cfg.train.grad_accum_steps  # per process

@@ -50,22 +50,25 @@ build_launch_command() {
     local cpus_per_proc=$((SLURM_CPUS_ON_NODE / procs > 0 ? SLURM_CPUS_ON_NODE / procs : 1))
     # One core per process is the process's own; the rest of its share decodes data.
     local workers=${IMCAP_DATA_WORKERS:-$((cpus_per_proc - 1))}
+    # Torch threads from the job's CPUs, not the node's: without CPU binding (TaskPlugin=task/none)
+    # a process sees every core of a node it may share with other jobs.
+    local threads=$((cpus_per_proc - workers > 0 ? cpus_per_proc - workers : 1))
     # accelerate's --num_processes counts every machine's processes.
     launch_command=("$IMCAP_ACCELERATE" launch --num_processes $((procs * nodes))
-                    --num_cpu_threads_per_process "$cpus_per_proc" --main_process_port "$IMCAP_PORT")
+                    --num_cpu_threads_per_process "$threads" --main_process_port "$IMCAP_PORT")
     # Without --multi_gpu, accelerate starts one process whatever --num_processes says.
     [ $((procs * nodes)) -gt 1 ] && launch_command+=(--multi_gpu)
     if [ "$nodes" -gt 1 ]; then
         # SLURM_NODEID is read here, on each node: expanded on the submitting node, every node would be rank 0.
         launch_command+=(--num_machines "$nodes" --machine_rank "$SLURM_NODEID" --main_process_ip "$IMCAP_MAIN_ADDR")
     fi
-    launch_command+=(launch/train.py --config "$IMCAP_CONFIG" "data.num_workers=$workers")
+    launch_command+=(launch/train.py --config "$IMCAP_CONFIG" "data.num_workers=$workers" "train.cpu_threads=$threads")
     # train.cpu=true is what makes --multi_gpu start real CPU processes (FIELD-NOTES item 13).
     [ "$IMCAP_CPU" = 1 ] && launch_command+=(train.cpu=true)
     launch_command+=("$@")
     echo "imcap slurm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $node: machine rank ${SLURM_NODEID:-0} of $nodes," \
          "$procs process(es) here, $((procs * nodes)) in all, rendezvous ${IMCAP_MAIN_ADDR:-localhost}:$IMCAP_PORT," \
-         "$workers data worker(s) and $cpus_per_proc thread(s) per process"
+         "$workers data worker(s) and $threads torch thread(s) per process"
     echo "imcap slurm: ${launch_command[*]}"
 }
 

@@ -41,4 +41,4 @@ def test_torchrun_starts_the_same_script_as_two_processes(demo_shards, tmp_path)
     result = launch("torchrun", "--nproc_per_node", "2", "--master_port", "29514", "launch/train.py",
                     "--config", "configs/demo.yaml", *tiny_overrides(demo_shards, tmp_path, "train.cpu=true", "eval.max_images=4"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es), 6 steps per epoch" in result.stdout
+    assert "2 process(es) of 1 CPU thread(s), 6 steps per epoch" in result.stdout  # 2 cores shared by 2

@@ -148,8 +148,8 @@ def test_two_node_job_gives_each_node_its_machine_rank_and_trains_one_world_of_t
     # srun --label puts the task (= node) number before each line of the log
     search(r"^0: imcap slurm: job \d+ \(restart 0\) on n1: machine rank 0 of 2,", text)
     search(r"^1: imcap slurm: job \d+ \(restart 0\) on n2: machine rank 1 of 2,", text)
-    for node in "01":  # the training process on each node found itself in a world of 2
-        search(rf"^{node}: 96 train images, \d+ words, 2 process\(es\)", text)
+    for node in "01":  # each node's process: in a world of 2, with the one CPU its task was given
+        search(rf"^{node}: 96 train images, \d+ words, 2 process\(es\) of 1 CPU thread\(s\),", text)
     run = tmp_path / "tiny"
     assert logged_steps(run) == list(range(1, 7))
     assert latest_state(run)["step"] == 6 and latest_state(run)["world_size"] == 2
