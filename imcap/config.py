@@ -8,6 +8,7 @@ type or a value outside its allowed set is a `ConfigError` naming the key and wh
 from __future__ import annotations
 
 import dataclasses
+import re
 import signal
 import typing
 from dataclasses import dataclass, field
@@ -209,6 +210,7 @@ class _TextLoader(yaml.SafeLoader):
 
 
 _TextLoader.yaml_implicit_resolvers = {}  # a new dict: SafeLoader keeps its resolvers
+_TextLoader.add_implicit_resolver("tag:yaml.org,2002:merge", re.compile(r"^<<$"), ["<"])  # `<<: *anchor` still merges
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

@@ -20,7 +20,7 @@ def test_only_true_and_false_are_booleans_so_no_stays_a_string(tmp_path):
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
 
 
-@pytest.mark.parametrize("text", ["0123", "1_000", "12:30", "2024-05-01", "yes", "1e3", "~"])
+@pytest.mark.parametrize("text", ["0123", "1_000", "12:30", "2024-05-01", "yes", "1e3"])
 def test_a_string_key_keeps_its_text_in_a_file_and_an_override(tmp_path, text):
     path = tmp_path / "x.yaml"
     path.write_text(f"run_name: {text}\n")
@@ -72,6 +72,14 @@ def test_bad_keys_and_values_are_errors_naming_the_key(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, override)
     assert message in str(error.value)
+
+
+def test_yaml_anchors_and_merge_keys_work_in_a_config_file(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("model:\n  decoder:\n    embed_dim: &width 16\n    attention_dim: *width\n"
+                    "    <<: {hidden_dim: 32, dropout: 0.1}\n")
+    decoder = load_config(path).model.decoder
+    assert (decoder.embed_dim, decoder.attention_dim, decoder.hidden_dim, decoder.dropout) == (16, 16, 32, 0.1)
 
 
 def test_a_list_or_mapping_where_a_value_belongs_is_an_error(tmp_path):
