@@ -138,17 +138,21 @@ def test_one_node_job_trains_two_cpu_processes_to_the_end_and_is_not_requeued(sl
 
 
 def test_two_node_job_gives_each_node_its_machine_rank_and_trains_one_world_of_two(slurm_env, jobs, demo_shards, tmp_path):
-    script, resources, settings = TWO_NODES
+    """Asked as a site might: tasks as for one per GPU (3: n1 gets 2 CPUs, n2 1) and only some variables
+    exported. The job still runs one launcher per node, with all of that node's CPUs and its settings."""
     log = tmp_path / "job.out"
-    job_id = sbatch({**slurm_env, **settings}, jobs, *resources, f"--output={log}", script,
-                    *job_overrides(demo_shards, tmp_path))
+    job_id = sbatch(slurm_env, jobs, "--nodes=2", "--ntasks=3", "--ntasks-per-node=2",
+                    "--export=IMCAP_CPU,IMCAP_ACCELERATE,OMP_NUM_THREADS,PYTHONUNBUFFERED", f"--output={log}",
+                    "slurm/multinode.sbatch", *job_overrides(demo_shards, tmp_path))
     info = ended(slurm_env, job_id)
     text = readable(log)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-6000:]
     # srun --label puts the task (= node) number before each line of the log
     search(r"^0: imcap slurm: job \d+ \(restart 0\) on n1: machine rank 0 of 2,", text)
     search(r"^1: imcap slurm: job \d+ \(restart 0\) on n2: machine rank 1 of 2,", text)
-    for node in "01":  # each node's process: in a world of 2, with the one CPU its task was given
+    assert len(re.findall(r"^\d: imcap slurm: job \d+ \(restart 0\)", text, re.M)) == 2, text[-6000:]
+    # each node's process: in a world of 2, on the CPUs its node gave the job (n1: 1 decodes, 1 trains)
+    for node in "01":
         search(rf"^{node}: 96 train images, \d+ words, 2 process\(es\) of 1 CPU thread\(s\),", text)
     run = tmp_path / "tiny"
     assert logged_steps(run) == list(range(1, 7))
