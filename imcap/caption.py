@@ -1,16 +1,18 @@
 """Captioning image files with a trained model, and pictures of where it looked for each word."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from imcap.checkpoint import load_for_inference
 from imcap.data.pipeline import decode_image, resize_crop
 from imcap.model.decoding import decode
 
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -33,11 +35,13 @@ def caption_files(model_path: str, paths: list[str], beam_size: int = 3, attenti
     """-> (file, caption) for every image; with attention_maps, one PNG per image in that directory."""
     model, vocab, cfg = load_for_inference(model_path)
     size = cfg.data.image_size
-    results = []
+    results, maps = [], set()
     files = image_files(paths)
     for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        pictures = [resize_crop(decode_image(f.read_bytes(), size), size, None) for f in chunk]  # (3, S, S) each
+        readable = [(f, picture) for f in files[start : start + batch_size] if (picture := _picture(f, size)) is not None]
+        if not readable:
+            continue
+        chunk, pictures = zip(*readable)
         decoded = decode(model, vocab.start, vocab.end, cfg.eval.max_length, beam_size, images=torch.stack(pictures),
                          length_penalty=cfg.eval.length_penalty, no_repeat_ngram=cfg.eval.no_repeat_ngram)
         for f, picture, tokens, alphas in zip(chunk, pictures, decoded.tokens, decoded.alphas):
@@ -47,8 +51,23 @@ def caption_files(model_path: str, paths: list[str], beam_size: int = 3, attenti
                 out = Path(attention_maps)
                 out.mkdir(parents=True, exist_ok=True)
                 words = [vocab.words[t] for t in tokens]
-                attention_figure(picture, words, alphas).save(out / f"{f.stem}.png")
+                name, n = f.stem, 1
+                while name in maps:  # cat.jpg beside cat.png, or a cat.jpg in two folders: a map for each
+                    n += 1
+                    name = f"{f.stem}-{n}"
+                maps.add(name)
+                attention_figure(picture, words, alphas).save(out / f"{name}.png")
     return results
+
+
+def _picture(path: Path, size: int) -> torch.Tensor | None:
+    """The file as the model sees it, (3, S, S) uint8, upright as photo viewers show it (phones store
+    pixels sideways with an EXIF orientation); None, with a warning naming the file, if unreadable."""
+    try:
+        return resize_crop(ImageOps.exif_transpose(decode_image(path.read_bytes(), size)), size, None)
+    except Exception as e:  # not an image after all (e.g. macOS ._ files), truncated, a decompression bomb
+        log.warning("skipping %s: not a readable image (%s: %s)", path, type(e).__name__, e)
+        return None
 
 
 def attention_figure(picture: torch.Tensor, words: list[str], alphas: torch.Tensor, panel: int = 160) -> Image.Image:

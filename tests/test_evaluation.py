@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import ROOT, run_env, tiny_overrides
@@ -76,3 +77,30 @@ def test_training_logs_every_metric_of_its_evaluations(trained):
     assert evaluations and all({"val_loss", "bleu1", "bleu4", "rouge_l", "cider", "meteor"} <= set(e) for e in evaluations)
     assert [e["step"] for e in evaluations] == [5, 10, 12]
     assert [e["meteor"] is None for e in evaluations] == [True, True, False]  # eval.meteor=last
+
+
+def test_caption_reads_a_phone_photo_upright_as_viewers_show_it(shared_data, tmp_path):
+    from imcap.caption import _picture
+
+    upright = Image.open(shared_data / "photos" / "chelsea.png").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to show": how phones store portrait shots
+    upright.transpose(Image.ROTATE_90).save(tmp_path / "phone.png", exif=exif)
+    upright.save(tmp_path / "upright.png")
+    assert torch.equal(_picture(tmp_path / "phone.png", 64), _picture(tmp_path / "upright.png", 64))
+
+
+def test_caption_skips_an_unreadable_file_naming_it_and_maps_files_of_one_name_apart(trained, shared_data, tmp_path,
+                                                                                      capsys, caplog):
+    model, _ = trained
+    for folder, photo in (("a", "chelsea.png"), ("b", "coffee.png")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "cat.png").write_bytes((shared_data / "photos" / photo).read_bytes())
+    (tmp_path / "a" / "._cat.png").write_bytes(b"\0\5\26\7 macOS metadata, not an image")
+    maps = tmp_path / "maps"
+    assert imcap(["caption", str(tmp_path / "a"), str(tmp_path / "b"), "--model", str(model),
+                  "--attention-maps", str(maps)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in printed] == [str(tmp_path / "a" / "cat.png"), str(tmp_path / "b" / "cat.png")]
+    assert str(tmp_path / "a" / "._cat.png") in caplog.text
+    assert sorted(p.name for p in maps.iterdir()) == ["cat-2.png", "cat.png"]
