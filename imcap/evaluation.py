@@ -57,7 +57,8 @@ class Evaluator:
         model.train(was_training)
         loss_sum = acc.reduce(loss_sum, reduction="sum")
         gathered = gather_objects(acc, (results, skipped))
-        results = sorted((r for part, _ in gathered for r in part), key=lambda r: r[0])
+        # integer ids (COCO's) before string ones, as one split may hold both
+        results = sorted((r for part, _ in gathered for r in part), key=lambda r: (isinstance(r[0], str), r[0]))
         ids = [r[0] for r in results]
         if len(set(ids)) != len(ids):
             raise RuntimeError("evaluation saw an image twice; the split was not partitioned across ranks")

@@ -104,3 +104,26 @@ def test_caption_skips_an_unreadable_file_naming_it_and_maps_files_of_one_name_a
     assert [line.split(": ")[0] for line in printed] == [str(tmp_path / "a" / "cat.png"), str(tmp_path / "b" / "cat.png")]
     assert str(tmp_path / "a" / "._cat.png") in caplog.text
     assert sorted(p.name for p in maps.iterdir()) == ["cat-2.png", "cat.png"]
+
+
+def test_evaluation_keeps_cocos_integer_image_ids_for_cocos_tools(trained, shared_data, tmp_path):
+    import io
+
+    import webdataset as wds
+    from accelerate import Accelerator
+
+    from imcap.checkpoint import load_for_inference
+    from imcap.data.pipeline import Collate
+    from imcap.evaluation import Evaluator
+
+    model_dir, _ = trained
+    photo = io.BytesIO()
+    Image.open(shared_data / "photos" / "coffee.png").convert("RGB").resize((64, 64)).save(photo, format="PNG")
+    with wds.TarWriter(str(tmp_path / "val-000000.tar")) as tar:
+        for key, image_id in (("a", 391895), ("b", "flickr_1000"), ("c", 7)):
+            tar.write({"__key__": key, "png": photo.getvalue(),
+                       "json": json.dumps({"image_id": image_id, "captions": ["a cup of coffee"]}).encode()})
+    model, vocab, cfg = load_for_inference(model_dir)
+    evaluator = Evaluator([str(tmp_path / "val-000000.tar")], Collate(vocab, 20, 1), vocab, Accelerator(cpu=True),
+                          batch_size=2, image_size=64, max_images=0, max_length=5, alpha_c=0.0)
+    assert [s["image_id"] for s in evaluator(model, meteor=False)["samples"]] == [7, 391895, "flickr_1000"]

@@ -154,16 +154,18 @@ def sample_captions(sample: dict) -> list[str]:
     return captions
 
 
-def image_id(sample: dict) -> str:
+def image_id(sample: dict) -> str | int:
+    """The JSON's image_id (an integer stays one: COCO's tools match results to images by integer id), else the key."""
     if "json" in sample:
         meta = json.loads(sample["json"])
         if isinstance(meta, dict) and "image_id" in meta:
-            return str(meta["image_id"])
+            found = meta["image_id"]
+            return found if isinstance(found, int) and not isinstance(found, bool) else str(found)
     return sample["__key__"]
 
 
 def decode_sample(sample: dict, image_size: int, rng: random.Random | None, jpeg_on_device: bool = False) -> dict:
-    """Raw tar sample -> {"images" | "frozen" | "jpeg": ..., "captions": [str], "image_id": str}."""
+    """Raw tar sample -> {"images" | "frozen" | "jpeg": ..., "captions": [str], "image_id": str | int}."""
     try:
         decoded = {"captions": sample_captions(sample), "image_id": image_id(sample)}
         if "safetensors" in sample:
