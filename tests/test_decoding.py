@@ -95,3 +95,16 @@ def test_attention_is_returned_for_every_word(model, frozen):
         for tokens, alphas in zip(decoded.tokens, decoded.alphas):
             assert alphas.shape == (len(tokens), 4)
             assert torch.allclose(alphas.sum(dim=1), torch.ones(len(tokens)), atol=1e-5)
+
+
+def test_no_search_returns_an_empty_caption_where_end_is_the_likeliest_first_word(model, frozen):
+    with torch.no_grad():
+        model.decoder.output.bias[END] += 4.0  # <end> first at step 0, as in a model that ends short captions early
+    try:
+        for beam_size in (1, 3, 5):
+            out = beam_search(model, START, END, 12, beam_size=beam_size, frozen=frozen)
+            assert all(out.tokens), beam_size
+        assert all(greedy_decode(model, START, END, 12, frozen=frozen).tokens)
+    finally:
+        with torch.no_grad():
+            model.decoder.output.bias[END] -= 4.0

@@ -2,6 +2,8 @@
 
 Both return `Decoded`: per image the word ids (without <start> and <end>), the attention over the
 regions for each of them and the caption's log-probability under the model (its <end> included).
+Neither ends a caption before its first word: no training caption is empty, yet <end> can rank among
+the first step's top words, and its one log-probability beats that of any whole caption.
 """
 from __future__ import annotations
 
@@ -39,9 +41,11 @@ def greedy_decode(model: Captioner, start_id: int, end_id: int, max_length: int,
     done = torch.zeros(batch, dtype=torch.bool, device=features.device)
     logprobs = torch.zeros(batch, device=features.device)
     steps, alphas = [], []
-    for _ in range(max_length):
+    for t in range(max_length):
         h, c, alpha = decoder.step(features, projected, decoder.embedding(words), h, c)
         step_logprobs = decoder.output(h).float().log_softmax(dim=1)  # (B, V)
+        if t == 0:
+            step_logprobs[:, end_id] = float("-inf")  # no empty caption
         words = step_logprobs.argmax(dim=1)
         logprobs += step_logprobs.gather(1, words.unsqueeze(1)).squeeze(1).masked_fill(done, 0.0)
         steps.append(words.masked_fill(done, end_id))
@@ -80,6 +84,8 @@ def beam_search(model: Captioner, start_id: int, end_id: int, max_length: int, b
     for t in range(max_length):
         h, c, alpha = decoder.step(features, projected, decoder.embedding(words), h, c)
         step_logprobs = decoder.output(h).float().log_softmax(dim=1).view(batch, k, vocab)
+        if t == 0:
+            step_logprobs[:, :, end_id] = float("-inf")  # no empty caption
         if no_repeat_ngram:
             _block_repeats(step_logprobs, history, no_repeat_ngram)
         candidates = (scores.unsqueeze(2) + step_logprobs).view(batch, k * vocab)
