@@ -40,7 +40,9 @@ def _tokenize(captions: dict[str, list[str]], java: bool) -> dict[str, list[str]
     if java:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+        # one line per caption: the wrapper replaces only "\n", Java also breaks lines at \r, \u2028, \v...,
+        # which shifted every later caption onto the image before it; whitespace is all the same to PTB
+        return PTBTokenizer().tokenize({k: [{"caption": " ".join(c.split())} for c in v] for k, v in captions.items()})
     return {k: [" ".join(tokenize(c)) for c in v] for k, v in captions.items()}
 
 

@@ -123,3 +123,14 @@ def test_a_quick_score_skips_only_meteor_so_checkpoints_compare_by_the_same_numb
 def test_mismatched_predictions_and_references_are_an_error():
     with pytest.raises(ValueError, match="must cover the same images"):
         caption_scores({"a": "x"}, {"b": ["x"]})
+
+
+def test_a_line_break_inside_a_reference_leaves_every_image_its_own_references():
+    if not java_available():
+        pytest.skip("the PTB tokeniser needs Java")
+    predictions = {1: "a man rides a bike", 2: "two cats sleep on a sofa"}
+    spaced = caption_scores(predictions, {1: ["a man rides a bike down the road"], 2: ["two cats sleep on a sofa"]},
+                            meteor=False)
+    for brk in ("\r", "\u2028", "\x0b"):  # line breaks to Java's PTB tokeniser, which pycocoevalcap splits on "\n" only
+        broken = {1: [f"a man rides a bike{brk}down the road"], 2: ["two cats sleep on a sofa"]}
+        assert caption_scores(predictions, broken, meteor=False) == spaced, repr(brk)
