@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# The GPU throughput check of bench/RESULTS.md: imcap against the straightforward reference step, bf16,
-# 256 caption samples a step for both (51 images x 5 captions), 224 px, 20 decoder steps, frozen and
-# layer4-trained encoder; first with batches already on the GPU (also at 1,280 caption samples a step,
-# 256 images x 5, for both), then end to end from JPEG shards in memory (/dev/shm) through imcap's data path: the JPEGs
-# decoded by the data workers, then on the GPU (data.jpeg_decode=device), then on the GPU in the
-# training thread between steps (--ahead 0, no DeviceBatches thread); last, the decoder step compiled.
+# The GPU throughput check of bench/RESULTS.md: imcap against the straightforward reference step in bf16,
+# 224 px, 20 decoder steps, frozen and layer4-trained encoder, both at the same caption samples a step:
+# 256 (51 images x 5 captions), then 1,280 (256 x 5). Batches already on the GPU, then end to end from
+# JPEG shards in memory (/dev/shm) through imcap's data path: JPEGs decoded on the GPU (data.jpeg_decode=device)
+# or by the data workers, and on the GPU in the training thread between steps (--ahead 0, no DeviceBatches
+# thread); last, the decoder step compiled. Most important first, each invocation at most 3 minutes.
 #   bash bench/gpu.sh SHARDS     # SHARDS: a directory of JPEG train shards with vocab.json (imcap shards build)
 set -uo pipefail
 shards=${1:?give a directory of JPEG train shards, e.g. built with imcap shards build}
 workers=${WORKERS:-$(( $(nproc) - 2 ))}
+seconds=${SECONDS_PER_KIND:-5}  # timed seconds per kind of step
+run() {
+    echo "+ bench/throughput.py $*"
+    timeout 180 python3 bench/throughput.py --size gpu --seconds "$seconds" "$@" || echo "(failed: exit $?)"
+}
 date -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 bench/throughput.py --size gpu
-python3 bench/throughput.py --size gpu --batch 1280
-python3 bench/throughput.py --size gpu --e2e "$shards" --workers "$workers"
-python3 bench/throughput.py --size gpu --e2e "$shards" --workers "$workers" --decode device
-python3 bench/throughput.py --size gpu --e2e "$shards" --workers "$workers" --decode device --ahead 0
-python3 bench/throughput.py --size gpu --modes frozen --compile || echo "torch.compile of the decoder step failed here"
+run
+run --e2e "$shards" --workers "$workers" --decode device
+run --e2e "$shards" --workers "$workers"
+run --batch 1280
+run --batch 1280 --e2e "$shards" --workers "$workers" --decode device
+run --e2e "$shards" --workers "$workers" --decode device --ahead 0 --modes frozen
+run --modes frozen --compile
+date -u
