@@ -5,6 +5,7 @@ import torchvision
 
 from imcap.config import load_config
 from imcap.model import Captioner, caption_loss
+from imcap.model.decoder import Decoder
 from imcap.model.encoder import EncoderCNN, WeightsError, estimate_feature_stats, load_resnet50
 from imcap.train import make_optimizer
 
@@ -82,10 +83,13 @@ def test_loss_falls_when_trained_on_one_batch():
 
 def test_loss_ignores_padding_and_attention_after_the_end():
     model, _ = small_model()
-    images, captions = random_batch()
+    images, captions = random_batch(batch=3, k=3)
+    captions[1, 0, 3:] = torch.tensor([2, 0, 0, 0])  # a second short caption: 7 of 9 run past step 3
+    # runs of steps round the captions computed up to an eighth of the batch (2): 8 run past step 3
+    assert Decoder.schedule(captions).runs == [(9, 3), (8, 3)]
     logits, alphas = model(captions, images=images)
-    assert logits.shape == (4, 6, 12) and alphas.shape == (4, 6, 4)
-    assert torch.all(alphas[0, 3:] == 0)  # the short caption ends after 3 targets
+    assert logits.shape == (9, 6, 12) and alphas.shape == (9, 6, 4)
+    assert torch.all(alphas[0, 3:] == 0) and torch.all(alphas[3, 3:] == 0)  # the short captions end after 3 targets
     assert torch.allclose(alphas[1].sum(dim=1), torch.ones(6))
     changed = logits.detach().clone()
     changed[0, 3:] = 100.0  # logits at padded positions do not count

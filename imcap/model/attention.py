@@ -19,6 +19,6 @@ class SoftAttention(nn.Module):
     def forward(self, features: torch.Tensor, projected: torch.Tensor, h: torch.Tensor):
         """-> context (B, D), alphas (B, R) summing to 1 over the regions."""
         scores = self.score(torch.tanh(projected + self.decoder_proj(h).unsqueeze(1))).squeeze(2)  # (B, R)
-        alphas = scores.float().softmax(dim=1)  # softmax in float32 also under bf16 autocast
+        alphas = scores.softmax(dim=1, dtype=torch.float32)  # (B, R), float32 also under bf16 autocast
         context = torch.bmm(alphas.unsqueeze(1).to(features.dtype), features).squeeze(1)  # (B, D)
         return context, alphas

@@ -24,8 +24,9 @@ class Captioner(nn.Module):
         """captions (B, k, T); images (B, 3, H, W) uint8 or frozen (cached) encoder features.
 
         -> logits (B*k, T-1, V), alphas (B*k, T-1, R)."""
+        schedule = self.decoder.schedule(captions, self.pad_id)  # its wait for the device comes before the encoder's work
         features = self.encoder(images, frozen)  # (B, R, 2048)
-        return self.decoder(features, captions, self.pad_id)
+        return self.decoder(features, captions, schedule, self.pad_id)
 
     def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
         """Parameter groups: the decoder, and layer4 when it trains."""

@@ -23,8 +23,7 @@ class Decoded(NamedTuple):
 def _start(model: Captioner, images, frozen, copies: int):
     """Encode once, then repeat the features `copies` times per image: features, projection, h, c."""
     decoder = model.decoder
-    features = model.encoder(images, frozen)  # (B, R, D)
-    projected = decoder.attention.project(features)  # (B, R, A)
+    features, projected = decoder.prepare(model.encoder(images, frozen))  # (B, R, D), (B, R, A)
     features, projected = (x.repeat_interleave(copies, dim=0) for x in (features, projected))
     h, c = decoder.init_state(features)
     return features, projected, h, c
