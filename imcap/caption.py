@@ -1,6 +1,7 @@
 """Captioning image files with a trained model, and pictures of where it looked for each word."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -9,8 +10,10 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from imcap.checkpoint import load_for_inference
-from imcap.data.pipeline import decode_image, resize_crop
+from imcap.data.pipeline import SampleError, decode_image, decode_sample, resize_crop
+from imcap.data.sources import read_shard
 from imcap.model.decoding import decode
+from imcap.model.encoder import grid_shape
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -31,11 +34,12 @@ def image_files(paths: list[str]) -> list[Path]:
 
 @torch.no_grad()
 def caption_files(model_path: str, paths: list[str], beam_size: int = 3, attention_maps: str | None = None,
-                  batch_size: int = 16) -> list[tuple[Path, str]]:
-    """-> (file, caption) for every image; with attention_maps, one PNG per image in that directory."""
+                  json_lines: str | None = None, batch_size: int = 16) -> list[tuple[Path, str]]:
+    """-> (file, caption) for every image; with attention_maps, one PNG per image in that directory; with
+    json_lines, one JSON object per image in that file: file, caption, words, attention, grid."""
     model, vocab, cfg = load_for_inference(model_path)
     size = cfg.data.image_size
-    results, maps = [], set()
+    results, maps, records = [], set(), []
     files = image_files(paths)
     for start in range(0, len(files), batch_size):
         readable = [(f, picture) for f in files[start : start + batch_size] if (picture := _picture(f, size)) is not None]
@@ -45,19 +49,64 @@ def caption_files(model_path: str, paths: list[str], beam_size: int = 3, attenti
         decoded = decode(model, vocab.start, vocab.end, cfg.eval.max_length, beam_size, images=torch.stack(pictures),
                          length_penalty=cfg.eval.length_penalty, no_repeat_ngram=cfg.eval.no_repeat_ngram)
         for f, picture, tokens, alphas in zip(chunk, pictures, decoded.tokens, decoded.alphas):
-            caption = vocab.decode(tokens)
+            caption, words = vocab.decode(tokens), [vocab.words[t] for t in tokens]
             results.append((f, caption))
+            records.append({"file": str(f), "caption": caption, "words": words, "attention": alphas.float().tolist(),
+                            "grid": list(grid_shape(alphas.shape[1]))})
             if attention_maps:
                 out = Path(attention_maps)
                 out.mkdir(parents=True, exist_ok=True)
-                words = [vocab.words[t] for t in tokens]
                 name, n = f.stem, 1
                 while name in maps:  # cat.jpg beside cat.png, or a cat.jpg in two folders: a map for each
                     n += 1
                     name = f"{f.stem}-{n}"
                 maps.add(name)
                 attention_figure(picture, words, alphas).save(out / f"{name}.png")
+    if json_lines:
+        Path(json_lines).write_text("".join(json.dumps(r) + "\n" for r in records))
     return results
+
+
+class AttentionSamples:
+    """A few val images captioned at every evaluation, into TensorBoard through Accelerate's tracker: the
+    generated caption and the references as text, the attention figure as an image. Read from the
+    shards' images, so they show even when training reads a feature cache."""
+
+    def __init__(self, shards: list[str], count: int, image_size: int):
+        self.ids, self.pictures, self.references = [], [], []
+        errors: list[str] = []
+        for shard in shards if count else []:
+            for sample in read_shard(shard, errors):
+                try:
+                    decoded = decode_sample(sample, image_size, None)
+                except SampleError:
+                    continue
+                if "images" in decoded:  # shards of cached features have no pictures to show
+                    self.ids.append(decoded["image_id"])
+                    self.pictures.append(decoded["images"])
+                    self.references.append(decoded["captions"])
+                if len(self.ids) == count:
+                    return
+
+    @torch.no_grad()
+    def log(self, model, vocab, accelerator, step: int, max_length: int) -> None:
+        if not self.ids or not accelerator.is_main_process:
+            return
+        model = accelerator.unwrap_model(model)
+        was_training = model.training
+        model.eval()
+        with accelerator.autocast():
+            decoded = decode(model, vocab.start, vocab.end, max_length,
+                             images=torch.stack(self.pictures).to(accelerator.device))
+        model.train(was_training)
+        tracker = accelerator.get_tracker("tensorboard")
+        for image_id, picture, tokens, alphas, references in zip(self.ids, self.pictures, decoded.tokens,
+                                                                 decoded.alphas, self.references):
+            listed = "\n".join(f"- {r}" for r in references)
+            accelerator.log({f"captions/{image_id}": f"**{vocab.decode(tokens)}**\n\nreferences:\n\n{listed}"},
+                            step=step)
+            figure = attention_figure(picture, [vocab.words[t] for t in tokens], alphas)
+            tracker.log_images({f"attention/{image_id}": np.asarray(figure)[None]}, step=step, dataformats="NHWC")
 
 
 def _picture(path: Path, size: int) -> torch.Tensor | None:
@@ -70,22 +119,34 @@ def _picture(path: Path, size: int) -> torch.Tensor | None:
         return None
 
 
-def attention_figure(picture: torch.Tensor, words: list[str], alphas: torch.Tensor, panel: int = 160) -> Image.Image:
-    """The image, then one panel per word: the word's attention over the regions, upsampled and laid
-    over the image as a heatmap, with the word under it. picture (3, S, S) uint8, alphas (words, R)."""
+def attention_figure(picture: torch.Tensor, words: list[str], alphas: torch.Tensor, panel: int = 128,
+                     columns: int = 6) -> Image.Image:
+    """The image, then one panel per word: its attention over the regions laid over the image as a
+    heatmap, the region grid drawn, the word above. Panels wrap into rows of `columns`, so a long caption
+    reads as a page, not a strip. picture (3, S, S) uint8, alphas (words, R)."""
     image = Image.fromarray(picture.permute(1, 2, 0).numpy()).resize((panel, panel), Image.BILINEAR)
-    grid = int(round(alphas.shape[1] ** 0.5)) if len(words) else 1
-    label = 18
-    figure = Image.new("RGB", ((len(words) + 1) * panel, panel + label), "white")
-    figure.paste(image, (0, 0))
+    rows, cols = grid_shape(alphas.shape[1]) if len(words) else (1, 1)
+    label, gap = 16, 4
+    cell = (panel + gap, label + panel + gap)  # one panel with its word and the space around it
+    count = len(words) + 1
+    figure = Image.new("RGB", (min(count, columns) * cell[0] + gap, -(-count // columns) * cell[1] + gap), "white")
     draw = ImageDraw.Draw(figure)
-    for i, (word, alpha) in enumerate(zip(words, alphas), start=1):
-        weights = alpha.float().view(1, 1, grid, grid)
-        weights = torch.nn.functional.interpolate(weights, size=(panel, panel), mode="bilinear", align_corners=False)[0, 0]
-        weights = (weights / weights.max().clamp(min=1e-8)).numpy()
-        heat = Image.fromarray(_heat_colours(weights))
-        figure.paste(Image.blend(image, heat, 0.5), (i * panel, 0))
-        draw.text((i * panel + 4, panel + 2), word, fill="black")
+    panels = [("(image)", image)]
+    for word, alpha in zip(words, alphas):
+        weights = alpha.float().view(1, 1, rows, cols)
+        # nearest: each region's weight fills its own cells, so the grid cells stay visible
+        weights = torch.nn.functional.interpolate(weights, size=(panel, panel), mode="nearest")[0, 0]
+        heat = Image.fromarray(_heat_colours((weights / weights.max().clamp(min=1e-8)).numpy()))
+        panels.append((word, Image.blend(image, heat, 0.55)))
+    for i, (word, picture_panel) in enumerate(panels):
+        x, y = gap + (i % columns) * cell[0], gap + (i // columns) * cell[1]
+        draw.text((x + 2, y + 2), word, fill="black")
+        figure.paste(picture_panel, (x, y + label))
+        if i:  # the region grid over the heatmap
+            for k in range(1, cols):
+                draw.line([(x + k * panel // cols, y + label), (x + k * panel // cols, y + label + panel - 1)], fill="white")
+            for k in range(1, rows):
+                draw.line([(x, y + label + k * panel // rows), (x + panel - 1, y + label + k * panel // rows)], fill="white")
     return figure
 
 

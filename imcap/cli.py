@@ -33,25 +33,30 @@ def cmd_eval(args) -> None:
 def cmd_caption(args) -> None:
     from imcap.caption import caption_files
 
-    for path, caption in caption_files(args.model, args.images, args.beam_size, args.attention_maps):
+    for path, caption in caption_files(args.model, args.images, args.beam_size, args.attention_maps, args.json):
         print(f"{path}: {caption}")
 
 
 def cmd_features(args) -> None:
-    import torch
+    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from imcap import features
-    from imcap.model.encoder import EncoderCNN
+    from imcap.data.dataset import prepare_data
+    from imcap.model import Captioner
+    from imcap.train import estimate_batchnorm
 
     cfg = load_config(args.config, args.overrides)
-    set_seed(cfg.train.seed)  # `weights: none` gives the encoder the trainer would build
-    enc = cfg.model.encoder
-    encoder = EncoderCNN(enc.weights, enc.train_layer4, enc.channels_last)
+    acc = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision)
+    set_seed(cfg.train.seed)  # the encoder the trainer builds: `weights: none` from the same seed,
+    data = prepare_data(cfg, acc)
+    model = Captioner(cfg.model, len(data.vocab))
+    estimate_batchnorm(model, data, cfg, acc)  # with the same BatchNorm statistics
+    encoder, enc = model.encoder, cfg.model.encoder
     out = args.out or str(features.cache_dir_for(cfg.data.shards, encoder, cfg.data.image_size))
-    device = "cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu"
-    sizes = features.build_cache_shards(encoder, cfg.data.shards, [cfg.data.train_split, cfg.data.val_split], out,
-                                        cfg.data.image_size, args.batch_size, device, args.dtype)
+    with acc.autocast():  # as the trainer builds it
+        sizes = features.build_cache_shards(encoder, cfg.data.shards, [cfg.data.train_split, cfg.data.val_split],
+                                            out, cfg.data.image_size, args.batch_size, acc.device, args.dtype)
     features.finish_cache(out, cfg.data.shards, sizes, encoder, cfg.data.image_size, enc.weights, args.dtype)
     print(f"{sum(sizes.values())} images cached in {out}; train from it with data.shards={out} "
           f"(or data.feature_cache=true, which finds it)")
@@ -64,6 +69,8 @@ def cmd_export(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from imcap.data import demo
+
     parser = argparse.ArgumentParser(prog="imcap", description="Train and use Show, Attend and Tell captioners.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -74,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="write the synthetic demo dataset as shards")
     p.add_argument("--out", default="shards/demo")
-    p.add_argument("--train-images", type=int, default=5000)
-    p.add_argument("--val-images", type=int, default=500)
+    p.add_argument("--train-images", type=int, default=demo.TRAIN_IMAGES)
+    p.add_argument("--val-images", type=int, default=demo.VAL_IMAGES)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help="score a run, checkpoint or export directory on a split")
@@ -94,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="a run, checkpoint or export directory")
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--attention-maps", default=None, metavar="DIR", help="write one PNG per image here")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="write one JSON object per image here (JSON Lines): file, caption, words, attention "
+                        "(per word, the weight of each region, row by row) and grid ([rows, columns])")
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("features", help="the frozen-feature cache")

@@ -53,6 +53,9 @@ class TextConfig:
 class EncoderConfig:
     weights: str = "imagenet"  # imagenet | none | path to a ResNet-50 state dict
     train_layer4: bool = False
+    # re-estimate every BatchNorm's statistics on this many train images before training (for weights: none,
+    # whose statistics are the initial 0 and 1); 0 keeps the weights' own
+    batchnorm_stats_images: int = 0
     feature_stats_images: int = 0  # standardise the features per channel with statistics of this many train images
     channels_last: bool = True
 
@@ -100,6 +103,7 @@ class EvalConfig:
     max_images: int = 0  # 0: the whole split
     batch_size: int = 64
     print_samples: int = 3
+    tensorboard_samples: int = 4  # val images whose captions and attention figures go to TensorBoard at every evaluation
     # which evaluations during training run METEOR, a Java process of about 10 s: the other scores need no Java run
     meteor: Literal["last", "every", "never"] = "last"
 
@@ -179,10 +183,13 @@ def validate(cfg: Config) -> None:
         (cfg.train.clip_grad_norm > 0, "train.clip_grad_norm must be > 0"),
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
         (0.0 <= cfg.model.decoder.dropout < 1.0, "model.decoder.dropout must be in [0, 1)"),
+        (cfg.model.encoder.batchnorm_stats_images >= 0, "model.encoder.batchnorm_stats_images must be >= 0"),
+        (cfg.model.encoder.feature_stats_images >= 0, "model.encoder.feature_stats_images must be >= 0"),
         (cfg.eval.max_length >= 1, "eval.max_length must be >= 1"),
         (cfg.eval.beam_size >= 1, "eval.beam_size must be >= 1"),
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
         (cfg.eval.max_images >= 0, "eval.max_images must be >= 0"),
+        (cfg.eval.tensorboard_samples >= 0, "eval.tensorboard_samples must be >= 0"),
         (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0"),
         (cfg.eval.no_repeat_ngram >= 0, "eval.no_repeat_ngram must be >= 0"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),

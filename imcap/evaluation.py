@@ -14,6 +14,7 @@ from accelerate import Accelerator
 
 from imcap.data.pipeline import Collate, eval_loader
 from imcap.data.prefetch import DeviceBatches
+from imcap.demo_scores import demo_scores
 from imcap.distributed import broadcast_object, gather_objects
 from imcap.metrics import caption_scores
 from imcap.model import caption_loss
@@ -52,8 +53,8 @@ class Evaluator:
                 tokens = (captions[:, :, 1:] != self.vocab.pad).sum().item()
                 loss_sum += torch.tensor([xent.item() * tokens, tokens], dtype=torch.float64, device=acc.device)
                 skipped += batch["skipped"]
-                results += [(i, self.vocab.decode(t), refs)
-                            for i, t, refs in zip(batch["image_ids"], decoded.tokens, batch["references"])]
+                # (image id, word ids, attention (words, R), references) per image
+                results += list(zip(batch["image_ids"], decoded.tokens, decoded.alphas, batch["references"]))
         model.train(was_training)
         loss_sum = acc.reduce(loss_sum, reduction="sum")
         gathered = gather_objects(acc, (results, skipped))
@@ -64,15 +65,19 @@ class Evaluator:
             raise RuntimeError("evaluation saw an image twice; the split was not partitioned across ranks")
         scores = None
         if acc.is_main_process and results:
-            scores = caption_scores({i: c for i, c, _ in results}, {i: refs for i, _, refs in results},
+            ids, tokens, alphas, references = zip(*results)
+            scores = caption_scores({i: self.vocab.decode(t) for i, t in zip(ids, tokens)}, dict(zip(ids, references)),
                                     meteor=meteor)
+            # the demo set's own scores (none for any other set): right about the picture, and looking at it
+            words = [[self.vocab.words[t] for t in caption] for caption in tokens]
+            scores.update(demo_scores(words, list(alphas), list(references)) or {})
         scores = broadcast_object(acc, scores)
         return {
             "val_loss": (loss_sum[0] / loss_sum[1].clamp(min=1)).item(),
             "images": len(results),
             "skipped": sum(s for _, s in gathered),
             **(scores or {}),
-            "samples": [{"image_id": i, "caption": c, "reference": refs[0]} for i, c, refs in results],
+            "samples": [{"image_id": i, "caption": self.vocab.decode(t), "reference": refs[0]} for i, t, _, refs in results],
         }
 
 

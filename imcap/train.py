@@ -21,15 +21,16 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from imcap import features as feature_cache
+from imcap.caption import AttentionSamples
 from imcap.checkpoint import Checkpointer, TrainState, check_compatible, load_checkpoint, resolve_resume
-from imcap.config import Config, save_config, to_dict
+from imcap.config import Config, ConfigError, save_config, to_dict
 from imcap.data.dataset import CaptionData, prepare_data
 from imcap.data.pipeline import batches_per_epoch, eval_loader, model_inputs
 from imcap.data.prefetch import DeviceBatches
 from imcap.distributed import EXIT_PREEMPTED, StopFlag, broadcast_object, gather_objects
 from imcap.evaluation import Evaluator
 from imcap.model import Captioner, caption_loss
-from imcap.model.encoder import estimate_feature_stats
+from imcap.model.encoder import estimate_batchnorm_stats, estimate_feature_stats
 
 log = logging.getLogger("imcap")
 
@@ -50,17 +51,20 @@ def train(cfg: Config) -> dict:
     total_steps = steps_per_epoch * cfg.train.epochs
     scheduler = make_scheduler(optimizer, cfg.train.warmup_steps, total_steps)
 
-    data = use_feature_cache(model, data, cfg, acc)
-    if cfg.train.compile:  # the recurrence's step is where the time goes; its batch shrinks, so dynamic shapes
-        model.decoder.step = torch.compile(model.decoder.step, dynamic=True)
-    if resume_from:
+    if resume_from:  # before the feature cache: its BatchNorm statistics say which cache is this model's
         check_compatible(resume_from, model, data.vocab)
         state = load_checkpoint(resume_from, model, optimizer, scheduler, acc, data.train_workers(acc.num_processes))
         acc.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, "
                   f"batch {state.batches_in_epoch})")
     else:
         state = TrainState(data_workers=data.train_workers(acc.num_processes))
+        estimate_batchnorm(model, data, cfg, acc)
+    attention_samples = AttentionSamples(data.val_shards, cfg.eval.tensorboard_samples, cfg.data.image_size)
+    data = use_feature_cache(model, data, cfg, acc)
+    if not resume_from:
         standardize_features(model, data, cfg, acc)
+    if cfg.train.compile:  # the recurrence's step is where the time goes; its batch shrinks, so dynamic shapes
+        model.decoder.step = torch.compile(model.decoder.step, dynamic=True)
     model, optimizer = acc.prepare(model, optimizer)  # not the loader: the pipeline splits shards itself
     evaluator = make_evaluator(data, cfg, acc)
 
@@ -86,7 +90,7 @@ def train(cfg: Config) -> dict:
                 if state.step % cfg.train.log_every == 0:
                     progress.set_postfix(metrics.log_train(state, scheduler.get_last_lr()[0]))
                 if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
-                    scores = evaluate(evaluator, model, state, metrics, cfg, final=state.step == total_steps)
+                    scores = evaluate(evaluator, attention_samples, model, state, metrics, cfg, final=state.step == total_steps)
                     scored_at = state.step
                 stopped_by = stop.agreed(acc)  # after the step's evaluation: a resume would not repeat it
                 if stopped_by or (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0):
@@ -100,12 +104,12 @@ def train(cfg: Config) -> dict:
             state.epoch, state.batches_in_epoch = epoch + 1, 0
             last = epoch + 1 == cfg.train.epochs
             if scored_at != state.step and (last or not cfg.eval.every_steps):  # the end is always evaluated
-                scores, scored_at = evaluate(evaluator, model, state, metrics, cfg, final=last), state.step
+                scores, scored_at = evaluate(evaluator, attention_samples, model, state, metrics, cfg, final=last), state.step
             checkpointer.save(state, model, optimizer, scheduler, data.vocab, cfg,
                               best_score(scores, scored_at, state, cfg))
     progress.close()
     if not scores:  # resumed after the end: nothing was trained, report the model as it is
-        scores = evaluate(evaluator, model, state, metrics, cfg, final=True)
+        scores = evaluate(evaluator, attention_samples, model, state, metrics, cfg, final=True)
     acc.end_training()
     return scores
 
@@ -158,15 +162,38 @@ def make_scheduler(optimizer, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def first_train_batches(data: CaptionData, cfg: Config, images: int, batch_size: int):
+    """The first `images` train images (or their cached features), centre-cropped: the same on every rank."""
+    return eval_loader(data.train_shards, data.collate, rank=0, world_size=1, batch_size=batch_size,
+                       image_size=cfg.data.image_size, max_images=images, num_workers=0)
+
+
+def estimate_batchnorm(model: Captioner, data: CaptionData, cfg: Config, acc: Accelerator) -> None:
+    n = cfg.model.encoder.batchnorm_stats_images
+    if not n:
+        if cfg.model.encoder.train_layer4 and cfg.model.encoder.weights == "none":
+            raise ConfigError("model.encoder.train_layer4 with weights none needs model.encoder.batchnorm_stats_images "
+                              "> 0: with the initial BatchNorm statistics layer4 trains on features about 12 times "
+                              "smaller than it is evaluated on, and learns nothing evaluation can use")
+        return
+    if feature_cache.read_cache_meta(cfg.data.shards):
+        raise ConfigError(f"model.encoder.batchnorm_stats_images needs images, but data.shards ({cfg.data.shards}) "
+                          "is a feature cache: point it at the image shards, or set it to 0")
+    model.to(acc.device)
+    # in training batches: the statistics a training layer4 sees, and the same whatever eval.batch_size says
+    batches = (model_inputs(b, acc.device)["images"] for b in first_train_batches(data, cfg, n, cfg.data.batch_size))
+    with acc.autocast():
+        seen = estimate_batchnorm_stats(model.encoder, batches)
+    acc.print(f"estimated the encoder's BatchNorm statistics on {seen} train images")
+
+
 def standardize_features(model: Captioner, data: CaptionData, cfg: Config, acc: Accelerator) -> None:
     n = cfg.model.encoder.feature_stats_images
     if not n:
         return
-    # the first n train images (or their cached features), centre-cropped: the same on every rank
-    batches = eval_loader(data.train_shards, data.collate, rank=0, world_size=1, batch_size=cfg.eval.batch_size,
-                          image_size=cfg.data.image_size, max_images=n, num_workers=0)
     model.to(acc.device)
-    seen = estimate_feature_stats(model.encoder, (model_inputs(b, acc.device) for b in batches))
+    batches = (model_inputs(b, acc.device) for b in first_train_batches(data, cfg, n, cfg.eval.batch_size))
+    seen = estimate_feature_stats(model.encoder, batches)
     acc.print(f"standardising the encoder's features with statistics of {seen} train images")
 
 
@@ -182,9 +209,10 @@ def use_feature_cache(model: Captioner, data: CaptionData, cfg: Config, acc: Acc
     if not feature_cache.cache_is_complete(cache, d.shards):
         acc.print(f"caching the frozen encoder's features in {cache}")
         start = time.time()
-        sizes = feature_cache.build_cache_shards(encoder, d.shards, [d.train_split, d.val_split], cache,
-                                                 d.image_size, cfg.eval.batch_size, acc.device,
-                                                 rank=acc.process_index, world_size=acc.num_processes)
+        with acc.autocast():  # bf16 on a CPU with bf16 instructions: twice as fast, and the cache holds bf16
+            sizes = feature_cache.build_cache_shards(encoder, d.shards, [d.train_split, d.val_split], cache,
+                                                     d.image_size, cfg.eval.batch_size, acc.device,
+                                                     rank=acc.process_index, world_size=acc.num_processes)
         all_sizes = {k: v for part in gather_objects(acc, sizes) for k, v in part.items()}
         if acc.is_main_process:
             feature_cache.finish_cache(cache, d.shards, all_sizes, encoder, d.image_size, cfg.model.encoder.weights, "bf16")
@@ -200,12 +228,14 @@ def make_evaluator(data: CaptionData, cfg: Config, acc: Accelerator) -> Evaluato
                      length_penalty=cfg.eval.length_penalty, no_repeat_ngram=cfg.eval.no_repeat_ngram)
 
 
-def evaluate(evaluator: Evaluator, model, state: TrainState, metrics: MetricsLog, cfg: Config, final: bool) -> dict:
+def evaluate(evaluator: Evaluator, attention_samples: AttentionSamples, model, state: TrainState,
+             metrics: MetricsLog, cfg: Config, final: bool) -> dict:
     start = time.time()
     result = evaluator(model, meteor=cfg.eval.meteor == "every" or (final and cfg.eval.meteor == "last"))
     samples = result.pop("samples")
     result["eval_seconds"] = time.time() - start
     metrics.log({"split": cfg.data.val_split, **result}, state)
+    attention_samples.log(model, evaluator.vocab, evaluator.accelerator, state.step, cfg.eval.max_length)
     if evaluator.accelerator.is_main_process:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
         tqdm.write(f"step {state.step} epoch {state.epoch} | {shown}")

@@ -16,7 +16,8 @@ def demo_shards(tmp_path_factory) -> Path:
     """96 train and 32 val demo images at 64 px in shards of 12 samples (8 train, 3 val shards)."""
     from imcap.data.demo import build_demo
 
-    return build_demo(tmp_path_factory.mktemp("demo"), train_images=96, val_images=32, shard_samples=12)
+    return build_demo(tmp_path_factory.mktemp("demo"), train_images=96, val_images=32, image_size=64,
+                      shard_samples=12)
 
 
 @pytest.fixture
@@ -27,9 +28,11 @@ def shared_data() -> Path:
 
 
 def tiny_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    """configs/demo.yaml shrunk to seconds: small decoder, few images, one epoch, no METEOR (its Java
-    process takes 10 s of a test's time; test_metrics and test_evaluation check it)."""
-    return [f"data.shards={shards}", "data.demo=false", f"runs_dir={run_dir}", "run_name=tiny",
+    """configs/demo.yaml shrunk to seconds: 64 px (a 2 x 2 grid), small decoder, few images, one epoch, fp32
+    (bitwise checks, and one process holds one Accelerate precision), no METEOR (its Java process takes 10 s
+    of a test's time; test_metrics and test_evaluation check it)."""
+    return [f"data.shards={shards}", "data.demo=false", f"runs_dir={run_dir}", "run_name=tiny", "data.image_size=64",
+            "train.mixed_precision=no",
             "data.batch_size=8", "data.captions_per_image=2", "data.num_workers=0", "data.feature_cache=false",
             "data.shuffle_buffer=16",
             "model.decoder.embed_dim=16", "model.decoder.hidden_dim=32", "model.decoder.attention_dim=16",

@@ -54,7 +54,38 @@ def test_caption_writes_an_attention_map_for_a_real_photo(trained, shared_data, 
     words = line.split(": ", 1)[1].split()
     figure = Image.open(tmp_path / "astronaut.png")
     assert line.startswith(str(photo)) and words
-    assert figure.size == (160 * (len(words) + 1), 160 + 18)  # the image, then one panel per word
+    rows = -(-(len(words) + 1) // 6)  # the image, then a panel per word, six to a row
+    assert figure.size == (min(len(words) + 1, 6) * 132 + 4, rows * 148 + 4)
+
+
+def test_caption_json_lines_give_each_words_attention_over_the_grid(trained, demo_shards, tmp_path, capsys):
+    model, odd = trained
+    images = tmp_path / "images"
+    images.mkdir()
+    subprocess.run(["tar", "xf", str(odd / "val-000000.tar"), "-C", str(images), "--wildcards", "*.png"], check=True)
+    assert imcap(["caption", str(images), "--model", str(model), "--json", str(tmp_path / "out.jsonl")]) == 0
+    printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(records) == 7 and {r["file"] for r in records} == set(printed)
+    for r in records:
+        assert r["caption"] == printed[r["file"]] == " ".join(r["words"])
+        assert r["grid"] == [2, 2] and len(r["attention"]) == len(r["words"])  # 64 px: a 2 x 2 grid
+        assert all(len(row) == 4 and sum(row) == pytest.approx(1.0, abs=1e-3) for row in r["attention"])
+
+
+def test_training_logs_captions_and_attention_figures_to_tensorboard(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, _ = trained
+    events = EventAccumulator(str(model / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
+    images, texts = events.Tags()["images"], [t for t in events.Tags()["tensors"] if t.startswith("captions/")]
+    assert sorted(images) == [f"attention/val_{i:06d}" for i in range(4)]  # eval.tensorboard_samples=4
+    assert sorted(texts) == [f"captions/val_{i:06d}/text_summary" for i in range(4)]
+    assert [e.step for e in events.Images("attention/val_000000")] == [5, 10, 12]  # every evaluation
+    figure = events.Images("attention/val_000000")[-1]
+    assert figure.width > 132 and figure.height >= 148
+    text = events.Tensors("captions/val_000000/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "references:" in text and "at the" in text
 
 
 def test_exported_model_gives_the_same_captions_as_its_run(trained, tmp_path, capsys):
@@ -127,3 +158,21 @@ def test_evaluation_keeps_cocos_integer_image_ids_for_cocos_tools(trained, share
     evaluator = Evaluator([str(tmp_path / "val-000000.tar")], Collate(vocab, 20, 1), vocab, Accelerator(cpu=True),
                           batch_size=2, image_size=64, max_images=0, max_length=5, alpha_c=0.0)
     assert [s["image_id"] for s in evaluator(model, meteor=False)["samples"]] == [7, 391895, "flickr_1000"]
+
+
+def test_attention_figure_wraps_panels_into_rows_with_each_words_heat_on_its_region():
+    from imcap.caption import attention_figure
+
+    picture = torch.zeros(3, 64, 64, dtype=torch.uint8)  # black: the heat alone colours a panel
+    words = [f"w{i}" for i in range(8)]
+    alphas = torch.full((8, 4), 0.01)
+    alphas[torch.arange(8), torch.arange(8) % 4] = 0.97  # word i looks at region i % 4
+    figure = attention_figure(picture, words, alphas, panel=64, columns=3)
+    assert figure.size == (3 * 68 + 4, 3 * 84 + 4)  # 9 panels: 3 rows of 3
+    pixels = torch.from_numpy(__import__("numpy").asarray(figure).copy()).permute(2, 0, 1).float()
+    for i in range(8):
+        row, col = divmod(i + 1, 3)  # panel 0 is the image
+        x, y = 4 + col * 68, 4 + row * 84 + 16
+        red = pixels[0, y : y + 64, x : x + 64]
+        quadrants = torch.stack([red[:32, :32].mean(), red[:32, 32:].mean(), red[32:, :32].mean(), red[32:, 32:].mean()])
+        assert quadrants.argmax().item() == i % 4

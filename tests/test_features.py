@@ -7,7 +7,7 @@ import torch
 
 from conftest import ROOT, tiny_overrides
 from imcap.cli import main as imcap
-from imcap.config import load_config
+from imcap.config import ConfigError, load_config
 from imcap.data.pipeline import DataError, list_shards
 from imcap.data.shards import ShardWriter, iter_tar_members, read_sizes
 from imcap.features import build_cache_shards, cache_is_complete, finish_cache
@@ -15,13 +15,17 @@ from imcap.model.encoder import EncoderCNN
 from imcap.train import train
 
 
+FROZEN = ["data.image_size=64", "model.encoder.train_layer4=false", "model.encoder.batchnorm_stats_images=0",
+          "train.mixed_precision=no"]
+
+
 @pytest.fixture(scope="module")
 def cache(demo_shards, tmp_path_factory):
-    """Built where training looks for it: <data.shards>/features/<digest>/ (no --out)."""
+    """Of the whole frozen encoder, built where training looks for it: <data.shards>/features/<digest>/ (no --out)."""
     source = tmp_path_factory.mktemp("source") / "demo"
     shutil.copytree(demo_shards, source)
     assert imcap(["features", "build", "--config", str(ROOT / "configs" / "demo.yaml"), f"data.shards={source}",
-                  "--dtype", "fp32"]) == 0
+                  *FROZEN, "--dtype", "fp32"]) == 0
     [out] = (source / "features").iterdir()
     return out
 
@@ -35,17 +39,36 @@ def test_a_cache_mirrors_its_source_shards(cache, demo_shards):
 
 
 def test_training_reads_the_cache_with_the_encoder_it_was_made_with(cache, tmp_path):
-    overrides = tiny_overrides(cache, tmp_path, "data.train_crop=center", "eval.max_images=8")
+    overrides = tiny_overrides(cache, tmp_path, "data.train_crop=center", "eval.max_images=8", *FROZEN)
     scores = train(load_config(ROOT / "configs" / "demo.yaml", overrides))
     assert scores["images"] == 8
 
 
-@pytest.mark.parametrize("change, what", [("train.seed=1", "weights none"), ("data.image_size=96", "image size 96"),
-                                          ("model.encoder.train_layer4=true", "train_layer4 True")])
+@pytest.mark.parametrize("change, what", [("train.seed=1", "weights none"), ("data.image_size=96", "image size 96")])
 def test_a_cache_made_with_another_encoder_is_refused(cache, tmp_path, change, what):
-    overrides = tiny_overrides(cache, tmp_path, "data.train_crop=center", change)
+    overrides = tiny_overrides(cache, tmp_path, "data.train_crop=center", *FROZEN, change)
     with pytest.raises(DataError, match=f"made with another encoder .*now .*{what}"):
         train(load_config(ROOT / "configs" / "demo.yaml", overrides))
+
+
+def test_batchnorm_statistics_are_not_estimated_from_a_cache_named_as_the_shards(cache, tmp_path):
+    overrides = tiny_overrides(cache, tmp_path, "data.train_crop=center", *FROZEN, "model.encoder.batchnorm_stats_images=8")
+    with pytest.raises(ConfigError, match="batchnorm_stats_images needs images, but data.shards .* is a feature cache"):
+        train(load_config(ROOT / "configs" / "demo.yaml", overrides))
+
+
+def test_training_finds_the_cache_features_build_made_with_the_same_batchnorm_statistics(demo_shards, tmp_path, capsys):
+    source = tmp_path / "demo"
+    shutil.copytree(demo_shards, source)
+    overrides = tiny_overrides(source, tmp_path, "data.feature_cache=true", "data.train_crop=center", "eval.max_images=8",
+                               "model.encoder.train_layer4=true", "model.encoder.batchnorm_stats_images=40")
+    assert imcap(["features", "build", "--config", str(ROOT / "configs" / "demo.yaml"), *overrides]) == 0
+    [built] = (source / "features").iterdir()
+    assert json.loads((built / "cache.json").read_text())["train_layer4"]
+    capsys.readouterr()
+    train(load_config(ROOT / "configs" / "demo.yaml", overrides))
+    assert "caching the frozen encoder's features" not in capsys.readouterr().out
+    assert list((source / "features").iterdir()) == [built]
 
 
 def cache_val_split(source, out) -> dict:

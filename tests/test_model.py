@@ -6,7 +6,7 @@ import torchvision
 from imcap.config import load_config
 from imcap.model import Captioner, caption_loss
 from imcap.model.decoder import Decoder
-from imcap.model.encoder import EncoderCNN, WeightsError, estimate_feature_stats, load_resnet50
+from imcap.model.encoder import EncoderCNN, WeightsError, estimate_batchnorm_stats, estimate_feature_stats, load_resnet50
 from imcap.train import make_optimizer
 
 SMALL = ["model.encoder.weights=none", "model.decoder.embed_dim=16", "model.decoder.hidden_dim=32",
@@ -174,3 +174,37 @@ def test_estimating_feature_stats_leaves_batchnorm_statistics_and_the_mode_as_th
     assert all(torch.equal(v, after[k]) for k, v in before.items())
     frozen_norms = [m for m in model.encoder.frozen_part.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert model.encoder.training and not any(m.training for m in frozen_norms)
+
+
+def test_estimated_batchnorm_statistics_make_a_trained_layer4_see_the_same_features_in_train_and_eval_mode():
+    model, _ = small_model("model.encoder.train_layer4=true")
+    encoder = model.encoder.train()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8, generator=g)
+    frozen = encoder.frozen_features(images)
+
+    def scale_ratio() -> float:  # layer4's output scale in eval mode over that in train mode
+        with torch.no_grad():
+            train_scale = encoder.layer4(frozen).std()
+            encoder.layer4.eval()
+            eval_scale = encoder.layer4(frozen).std()
+            encoder.layer4.train()
+        return (eval_scale / train_scale).item()
+
+    assert scale_ratio() > 3  # torchvision's initial statistics: evaluation sees features many times larger
+    assert estimate_batchnorm_stats(encoder, [images[:8], images[8:]]) == 16
+    frozen = encoder.frozen_features(images)  # the frozen part's statistics are estimated too
+    assert scale_ratio() == pytest.approx(1.0, abs=0.05)
+    norms = [m for m in encoder.cnn.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.momentum == 0.1 for m in norms)  # layer4 goes on tracking its statistics as it trains
+    frozen_norms = [m for m in encoder.frozen_part.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert encoder.training and not any(m.training for m in frozen_norms)
+
+
+def test_training_an_untrained_layer4_without_estimated_batchnorm_statistics_is_refused_before_any_work():
+    from imcap.config import ConfigError
+    from imcap.train import estimate_batchnorm
+
+    model, cfg = small_model("model.encoder.train_layer4=true")  # loads: inference builds such models too
+    with pytest.raises(ConfigError, match="batchnorm_stats_images"):
+        estimate_batchnorm(model, None, cfg, None)  # refused before it reads data or touches the device

@@ -64,6 +64,14 @@ def _local_state_dict(path: Path) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def grid_shape(regions: int) -> tuple[int, int]:
+    """(rows, columns) of a feature grid of `regions` regions in reading order: the images are square crops."""
+    side = round(regions ** 0.5)
+    if side * side != regions:
+        raise ValueError(f"{regions} regions are not a square grid")
+    return side, side
+
+
 class EncoderCNN(nn.Module):
     """images (B, 3, H, W) uint8 -> features (B, H/32 * W/32, 2048); (B, 49, 2048) at 224 px.
 
@@ -121,6 +129,33 @@ class EncoderCNN(nn.Module):
             x = self.layer4(x)  # (B, 2048, h, w)
         features = x.flatten(2).transpose(1, 2)  # (B, h*w, 2048)
         return (features - self.feature_mean) / self.feature_std
+
+
+@torch.no_grad()
+def estimate_batchnorm_stats(encoder: EncoderCNN, image_batches) -> int:
+    """Set every BatchNorm's running mean and variance from `image_batches` of (B, 3, H, W) uint8 images
+    (a pass in train mode without gradients, averaging over all batches). Returns the number of images.
+
+    An untrained ResNet-50 (`weights: none`) keeps torchvision's initial statistics (mean 0, variance 1),
+    so its eval-mode activations grow stage by stage to values in the hundreds, and a trained layer4 in
+    train mode (batch statistics) sees other inputs than the same layer4 in eval mode: its captioner
+    learns nothing that evaluation can use. Estimated statistics make both modes agree.
+    """
+    norms = [m for m in encoder.cnn.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches, not an exponential one
+    was_training = encoder.training
+    encoder.cnn.train()
+    images = 0
+    for batch in image_batches:
+        encoder.cnn(encoder.normalize(batch))
+        images += len(batch)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum  # a trained layer4 keeps tracking its statistics as it changes
+    encoder.train(was_training)
+    return images
 
 
 @torch.no_grad()
