@@ -69,7 +69,7 @@ def prepare_data(cfg: Config, accelerator) -> CaptionData:
         with accelerator.main_process_first():  # one process writes, the others wait and then read
             if not demo.demo_exists(d.shards):
                 log.info("building the demo dataset in %s", d.shards)
-                demo.build_demo(d.shards, min_word_count=cfg.text.min_word_count)
+                demo.build_demo(d.shards, image_size=d.image_size, min_word_count=cfg.text.min_word_count)
     train_shards, val_shards = list_shards(d.shards, d.train_split), list_shards(d.shards, d.val_split)
     vocab = load_vocabulary(d.shards, train_shards, cfg.text.min_word_count)
     return CaptionData(cfg, vocab, train_shards, val_shards, count_samples(train_shards))
