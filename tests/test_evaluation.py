@@ -40,8 +40,8 @@ def test_two_process_evaluation_of_an_odd_split_equals_one_process(trained, tmp_
     assert len(one) == 31 and sorted(c["image_id"] for c in two) == [f"val_{i:06d}" for i in range(31)]
     assert sorted(one, key=lambda c: c["image_id"]) == sorted(two, key=lambda c: c["image_id"])
     scores_one, scores_two = (json.loads((tmp_path / d / "scores.json").read_text()) for d in ("one", "two"))
-    for name in ("bleu1", "bleu4", "meteor", "rouge_l", "cider"):
-        assert scores_one[name] == scores_two[name] and scores_one[name] is not None
+    for name in ("bleu1", "bleu4", "meteor", "rouge_l", "cider", "phrase_accuracy", "grounding", "exact"):
+        assert scores_one[name] == scores_two[name] and scores_one[name] is not None  # the last three: a demo set
     assert scores_one["images"] == scores_two["images"] == 31
     assert scores_two["val_loss"] == pytest.approx(scores_one["val_loss"], rel=1e-5)
 
@@ -105,7 +105,8 @@ def test_exported_model_gives_the_same_captions_as_its_run(trained, tmp_path, ca
 def test_training_logs_every_metric_of_its_evaluations(trained):
     model, _ = trained
     evaluations = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines() if '"split"' in line]
-    assert evaluations and all({"val_loss", "bleu1", "bleu4", "rouge_l", "cider", "meteor"} <= set(e) for e in evaluations)
+    expected = {"val_loss", "bleu1", "bleu4", "rouge_l", "cider", "meteor", "phrase_accuracy", "grounding", "exact"}
+    assert evaluations and all(expected <= set(e) for e in evaluations)
     assert [e["step"] for e in evaluations] == [5, 10, 12]
     assert [e["meteor"] is None for e in evaluations] == [True, True, False]  # eval.meteor=last
 

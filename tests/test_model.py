@@ -103,7 +103,9 @@ def test_k_captions_share_one_encoding_and_match_one_caption_per_sample():
     grouped, _ = model(captions, images=images)
     one_by_one = torch.cat([model(captions[:, j : j + 1], images=images)[0] for j in range(3)])
     order = torch.arange(6).view(2, 3).t().reshape(-1)  # (caption j of image i) at row i*3 + j
-    assert torch.allclose(grouped, one_by_one[order.argsort()], atol=1e-5)
+    # float32 kernels for 6 rows and for 2 round differently (2.5e-5 here on AVX-512); a caption given
+    # another image's features differs by 0.3
+    assert torch.allclose(grouped, one_by_one[order.argsort()], atol=1e-4)
 
 
 def test_local_state_dict_weights_are_loaded(tmp_path):
