@@ -143,10 +143,11 @@ def attention_figure(picture: torch.Tensor, words: list[str], alphas: torch.Tens
         draw.text((x + 2, y + 2), word, fill="black")
         figure.paste(picture_panel, (x, y + label))
         if i:  # the region grid over the heatmap
+            top, bottom = y + label, y + label + panel - 1
             for k in range(1, cols):
-                draw.line([(x + k * panel // cols, y + label), (x + k * panel // cols, y + label + panel - 1)], fill="white")
+                draw.line([(x + k * panel // cols, top), (x + k * panel // cols, bottom)], fill="white")
             for k in range(1, rows):
-                draw.line([(x, y + label + k * panel // rows), (x + panel - 1, y + label + k * panel // rows)], fill="white")
+                draw.line([(x, top + k * panel // rows), (x + panel - 1, top + k * panel // rows)], fill="white")
     return figure
 
 

@@ -103,7 +103,7 @@ class EvalConfig:
     max_images: int = 0  # 0: the whole split
     batch_size: int = 64
     print_samples: int = 3
-    tensorboard_samples: int = 4  # val images whose captions and attention figures go to TensorBoard at every evaluation
+    tensorboard_samples: int = 4  # val images captioned into TensorBoard (text, attention figure) at every evaluation
     # which evaluations during training run METEOR, a Java process of about 10 s: the other scores need no Java run
     meteor: Literal["last", "every", "never"] = "last"
 

@@ -77,7 +77,8 @@ class Evaluator:
             "images": len(results),
             "skipped": sum(s for _, s in gathered),
             **(scores or {}),
-            "samples": [{"image_id": i, "caption": self.vocab.decode(t), "reference": refs[0]} for i, t, _, refs in results],
+            "samples": [{"image_id": i, "caption": self.vocab.decode(t), "reference": refs[0]}
+                        for i, t, _, refs in results],
         }
 
 

@@ -90,7 +90,8 @@ def train(cfg: Config) -> dict:
                 if state.step % cfg.train.log_every == 0:
                     progress.set_postfix(metrics.log_train(state, scheduler.get_last_lr()[0]))
                 if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
-                    scores = evaluate(evaluator, attention_samples, model, state, metrics, cfg, final=state.step == total_steps)
+                    scores = evaluate(evaluator, attention_samples, model, state, metrics, cfg,
+                                      final=state.step == total_steps)
                     scored_at = state.step
                 stopped_by = stop.agreed(acc)  # after the step's evaluation: a resume would not repeat it
                 if stopped_by or (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0):
@@ -104,7 +105,8 @@ def train(cfg: Config) -> dict:
             state.epoch, state.batches_in_epoch = epoch + 1, 0
             last = epoch + 1 == cfg.train.epochs
             if scored_at != state.step and (last or not cfg.eval.every_steps):  # the end is always evaluated
-                scores, scored_at = evaluate(evaluator, attention_samples, model, state, metrics, cfg, final=last), state.step
+                scores = evaluate(evaluator, attention_samples, model, state, metrics, cfg, final=last)
+                scored_at = state.step
             checkpointer.save(state, model, optimizer, scheduler, data.vocab, cfg,
                               best_score(scores, scored_at, state, cfg))
     progress.close()
@@ -169,6 +171,7 @@ def first_train_batches(data: CaptionData, cfg: Config, images: int, batch_size:
 
 
 def estimate_batchnorm(model: Captioner, data: CaptionData, cfg: Config, acc: Accelerator) -> None:
+    """The encoder's BatchNorm statistics from the first train images, where the config asks for them."""
     n = cfg.model.encoder.batchnorm_stats_images
     if not n:
         if cfg.model.encoder.train_layer4 and cfg.model.encoder.weights == "none":

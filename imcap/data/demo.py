@@ -101,9 +101,10 @@ def build_demo(out_dir: str | Path, train_images: int = TRAIN_IMAGES, val_images
     if val_images >= len(scenes):
         raise ValueError(f"the demo has {len(scenes)} scenes: {val_images} val images leave none for training")
     # val: distinct scenes never drawn in train; train: the others, drawn again (a new rendering) when asked for more
-    splits = {"val": scenes[:val_images], "train": list(itertools.islice(itertools.cycle(scenes[val_images:]), train_images))}
-    for split, scenes in splits.items():
-        write_split(_samples(split, scenes, image_size, seed), out_dir, split, shard_samples)
+    train = list(itertools.islice(itertools.cycle(scenes[val_images:]), train_images))
+    splits = {"val": scenes[:val_images], "train": train}
+    for split, split_scenes in splits.items():
+        write_split(_samples(split, split_scenes, image_size, seed), out_dir, split, shard_samples)
     train_captions = [c for scene in splits["train"] for c in captions_for(scene)]
     Vocabulary.build(train_captions, min_word_count).save(out_dir / VOCAB_FILE)  # written last: marks completion
     return out_dir
