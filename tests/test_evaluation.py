@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -170,7 +171,7 @@ def test_attention_figure_wraps_panels_into_rows_with_each_words_heat_on_its_reg
     alphas[torch.arange(8), torch.arange(8) % 4] = 0.97  # word i looks at region i % 4
     figure = attention_figure(picture, words, alphas, panel=64, columns=3)
     assert figure.size == (3 * 68 + 4, 3 * 84 + 4)  # 9 panels: 3 rows of 3
-    pixels = torch.from_numpy(__import__("numpy").asarray(figure).copy()).permute(2, 0, 1).float()
+    pixels = torch.from_numpy(np.asarray(figure).copy()).permute(2, 0, 1).float()
     for i in range(8):
         row, col = divmod(i + 1, 3)  # panel 0 is the image
         x, y = 4 + col * 68, 4 + row * 84 + 16
