@@ -1,6 +1,7 @@
 """Captioning image files with a trained model, and pictures of where it looked for each word."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -39,31 +40,37 @@ def caption_files(model_path: str, paths: list[str], beam_size: int = 3, attenti
     json_lines, one JSON object per image in that file: file, caption, words, attention, grid."""
     model, vocab, cfg = load_for_inference(model_path)
     size = cfg.data.image_size
-    results, maps, records = [], set(), []
+    results, maps = [], set()
     files = image_files(paths)
-    for start in range(0, len(files), batch_size):
-        readable = [(f, picture) for f in files[start : start + batch_size] if (picture := _picture(f, size)) is not None]
-        if not readable:
-            continue
-        chunk, pictures = zip(*readable)
-        decoded = decode(model, vocab.start, vocab.end, cfg.eval.max_length, beam_size, images=torch.stack(pictures),
-                         length_penalty=cfg.eval.length_penalty, no_repeat_ngram=cfg.eval.no_repeat_ngram)
-        for f, picture, tokens, alphas in zip(chunk, pictures, decoded.tokens, decoded.alphas):
-            caption, words = vocab.decode(tokens), [vocab.words[t] for t in tokens]
-            results.append((f, caption))
-            records.append({"file": str(f), "caption": caption, "words": words, "attention": alphas.float().tolist(),
-                            "grid": list(grid_shape(alphas.shape[1]))})
-            if attention_maps:
-                out = Path(attention_maps)
-                out.mkdir(parents=True, exist_ok=True)
-                name, n = f.stem, 1
-                while name in maps:  # cat.jpg beside cat.png, or a cat.jpg in two folders: a map for each
-                    n += 1
-                    name = f"{f.stem}-{n}"
-                maps.add(name)
-                attention_figure(picture, words, alphas).save(out / f"{name}.png")
-    if json_lines:
-        Path(json_lines).write_text("".join(json.dumps(r) + "\n" for r in records))
+    # opened before any captioning: a path that cannot be written fails at once, and each line is written
+    # as its image is done
+    with contextlib.ExitStack() as stack:
+        json_out = stack.enter_context(open(json_lines, "w")) if json_lines else None
+        for start in range(0, len(files), batch_size):
+            readable = [(f, picture) for f in files[start : start + batch_size]
+                        if (picture := _picture(f, size)) is not None]
+            if not readable:
+                continue
+            chunk, pictures = zip(*readable)
+            decoded = decode(model, vocab.start, vocab.end, cfg.eval.max_length, beam_size,
+                             images=torch.stack(pictures), length_penalty=cfg.eval.length_penalty,
+                             no_repeat_ngram=cfg.eval.no_repeat_ngram)
+            for f, picture, tokens, alphas in zip(chunk, pictures, decoded.tokens, decoded.alphas):
+                caption, words = vocab.decode(tokens), [vocab.words[t] for t in tokens]
+                results.append((f, caption))
+                if json_out:
+                    record = {"file": str(f), "caption": caption, "words": words, "attention": alphas.float().tolist(),
+                              "grid": list(grid_shape(alphas.shape[1]))}
+                    json_out.write(json.dumps(record) + "\n")
+                if attention_maps:
+                    out = Path(attention_maps)
+                    out.mkdir(parents=True, exist_ok=True)
+                    name, n = f.stem, 1
+                    while name in maps:  # cat.jpg beside cat.png, or a cat.jpg in two folders: a map for each
+                        n += 1
+                        name = f"{f.stem}-{n}"
+                    maps.add(name)
+                    attention_figure(picture, words, alphas).save(out / f"{name}.png")
     return results
 
 
