@@ -68,7 +68,8 @@ def cmd_export(args) -> None:
     print(f"exported to {export(args.run, args.out)}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every `imcap` subcommand and its arguments."""
     from imcap.data import demo
 
     parser = argparse.ArgumentParser(prog="imcap", description="Train and use Show, Attend and Tell captioners.")
@@ -123,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from imcap.data.build import add_shards_commands
     add_shards_commands(sub)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except ConfigError as e:
