@@ -1,6 +1,6 @@
 """Benchmark (not a test): how fast `imcap shards build` writes Flickr8k (train + dev, 7,000 images) with 1 and 2
 processes, and how fast the trainer decodes the resulting shards on one core (decode + resize + center crop to
-224 px: imcap.data.pipeline.decode_sample), with and without pre-resizing at build time.
+224 px: imcap.data.samples.decode_sample), with and without pre-resizing at build time.
 
 The Flickr8k copy in ../shared/data holds 224 x 224 images, so pre-resizing to 256 changes nothing there; the
 decode figures are also given for COCO-mini (80 images of about 640 x 480, decoded several times over).
@@ -21,7 +21,7 @@ import torch
 import webdataset as wds
 
 from imcap.data.build import BuildOptions, build_shards
-from imcap.data.pipeline import decode_sample
+from imcap.data.samples import decode_sample
 from imcap.data.sources import read_coco, read_flickr
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reference import ReferenceCaptioner  # noqa: E402
 
 from imcap.config import load_config  # noqa: E402
+from imcap.data.batch import CachedFeatures, Images  # noqa: E402
 from imcap.model import Captioner, caption_loss  # noqa: E402
 from imcap.train import make_optimizer  # noqa: E402
 
@@ -103,11 +104,13 @@ def compare(args, device, train_layer4: bool, reference_batches, imcap_batches) 
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
         cached = fast.encoder.frozen_features(next(on_device)[0]).to(torch.bfloat16)  # what a feature cache holds
     plain = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-4)
-    ours = make_optimizer(fast, load_config(None, ["train.lr=1e-4"]))  # imcap's own parameter groups
+    ours, _ = make_optimizer(fast, load_config(None, ["train.lr=1e-4"]), 1)  # imcap's own parameter groups
     steps = [Step("reference", reference, lambda images, captions: (images, captions), reference_batches, args,
                   device, plain),
-             Step("imcap", fast, lambda images, captions: (captions, images), imcap_batches, args, device, ours),
-             Step("imcap, cached features", fast, lambda images, captions: (captions, None, cached), on_device, args,
+             Step("imcap", fast, lambda images, captions: (captions, Images(images)), imcap_batches, args, device,
+                  ours),
+             Step("imcap, cached features", fast, lambda images, captions: (captions, CachedFeatures(cached)),
+                  on_device, args,
                   device, ours)]
     for step in steps:  # warm up (and compile) outside the timing
         for _ in range(2):
@@ -130,35 +133,39 @@ def device_batches(args, images: int, device):
 def shard_batches(args, images: int, device, shard_dir: str):
     """Batches from JPEG shards in memory through imcap's data path: its pipeline and data workers,
     then DeviceBatches (the copy to the device, and decoding there, a few batches ahead), as the trainer reads them."""
-    from imcap.data.pipeline import Collate, batches_per_epoch, count_samples, list_shards, train_loader
+    from imcap.config import DataConfig
+    from imcap.data.batch import Collate
     from imcap.data.prefetch import DeviceBatches
+    from imcap.data.shards import count_samples, list_shards
+    from imcap.data.streams import Part, TrainStream, batches_per_epoch, train_loader
     from imcap.text import Vocabulary
 
     shards = list_shards(shard_dir, "train")
     # every worker needs shards of its own; an epoch of 20 batches or more, as in training
     shards *= max(-(-args.workers // len(shards)), -(-20 * images // count_samples(shards)))
     vocab = Vocabulary.load(Path(shard_dir) / "vocab.json")
-    loader = train_loader(shards, Collate(vocab, args.length - 1, args.captions), rank=0, world_size=1, epoch=0,
-                          seed=0, num_batches=batches_per_epoch(count_samples(shards), images, 1, 1), skip=0,
-                          batch_size=images, image_size=args.image_size, random_crop=True, shuffle_buffer=1000,
-                          num_workers=args.workers, jpeg_on_device=args.decode == "device", epochs=10**6)
-    with DeviceBatches(loader, device, args.ahead) as batches:  # closed with this generator: the workers stop
-        for batch in batches:
-            yield batch["inputs"]["images"], batch["captions"]
+    data = DataConfig(batch_size=images, image_size=args.image_size, train_crop="random", shuffle_buffer=1000,
+                      jpeg_decode="device" if args.decode == "device" else "workers")
+    stream = TrainStream(shards, Collate(vocab, args.length - 1, args.captions), data, 0, Part(), range(10**6), 0,
+                         batches_per_epoch(count_samples(shards), images, 1, 1))
+    with DeviceBatches(train_loader(stream, args.workers), device, args.ahead) as batches:  # closed with this
+        for batch in batches:  # generator: the workers stop
+            yield batch.inputs.pixels, batch.captions
 
 
 def pipeline_rate(shard_dir: str, image_size: int, seconds: float = 20.0) -> float:
     """Decoded, cropped images per second per core through imcap's pipeline (one process, no workers)."""
-    from imcap.data.pipeline import Collate, eval_loader, list_shards
+    from imcap.data.batch import Collate
+    from imcap.data.shards import list_shards
+    from imcap.data.streams import EvalStream, Part, eval_loader
     from imcap.text import Vocabulary
 
     vocab = Vocabulary.load(Path(shard_dir) / "vocab.json")
-    loader = eval_loader(list_shards(shard_dir, "train"), Collate(vocab, 30, 1), rank=0, world_size=1, batch_size=32,
-                         image_size=image_size, max_images=0, num_workers=0)
+    loader = eval_loader(EvalStream(list_shards(shard_dir, "train"), Collate(vocab, 30, 1), Part(), 32, image_size))
     images, start = 0, time.process_time()  # CPU time of this process: images per core-second
     while time.process_time() - start < seconds:
         for batch in loader:
-            images += len(batch["images"])
+            images += len(batch)
             if time.process_time() - start >= seconds:
                 break
     return images / (time.process_time() - start)

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from imcap.checkpoint import load_for_inference
-from imcap.data.pipeline import SampleError, decode_image, decode_sample, resize_crop
-from imcap.data.sources import read_shard
+from imcap.data.batch import Images
+from imcap.data.samples import SampleError, decode_image, decode_sample, resize_crop
+from imcap.data.shards import read_shard
+from imcap.inference import load_for_inference
 from imcap.model.decoding import decode
 from imcap.model.encoder import grid_shape
 
@@ -52,9 +53,8 @@ def caption_files(model_path: str, paths: list[str], beam_size: int = 3, attenti
             if not readable:
                 continue
             chunk, pictures = zip(*readable)
-            decoded = decode(model, vocab.start, vocab.end, cfg.eval.max_length, beam_size,
-                             images=torch.stack(pictures), length_penalty=cfg.eval.length_penalty,
-                             no_repeat_ngram=cfg.eval.no_repeat_ngram)
+            decoded = decode(model, Images(torch.stack(pictures)), vocab.start, vocab.end, cfg.eval.max_length,
+                             beam_size, cfg.eval.length_penalty, cfg.eval.no_repeat_ngram)
             for f, picture, tokens, alphas in zip(chunk, pictures, decoded.tokens, decoded.alphas):
                 caption, words = vocab.decode(tokens), [vocab.words[t] for t in tokens]
                 results.append((f, caption))
@@ -88,10 +88,10 @@ class AttentionSamples:
                     decoded = decode_sample(sample, image_size, None)
                 except SampleError:
                     continue
-                if "images" in decoded:  # shards of cached features have no pictures to show
-                    self.ids.append(decoded["image_id"])
-                    self.pictures.append(decoded["images"])
-                    self.references.append(decoded["captions"])
+                if decoded.pixels is not None:  # shards of cached features have no pictures to show
+                    self.ids.append(decoded.image_id)
+                    self.pictures.append(decoded.pixels)
+                    self.references.append(decoded.captions)
                 if len(self.ids) == count:
                     return
 
@@ -103,8 +103,8 @@ class AttentionSamples:
         was_training = model.training
         model.eval()
         with accelerator.autocast():
-            decoded = decode(model, vocab.start, vocab.end, max_length,
-                             images=torch.stack(self.pictures).to(accelerator.device))
+            decoded = decode(model, Images(torch.stack(self.pictures).to(accelerator.device)), vocab.start, vocab.end,
+                             max_length)
         model.train(was_training)
         tracker = accelerator.get_tracker("tensorboard")
         for image_id, picture, tokens, alphas, references in zip(self.ids, self.pictures, decoded.tokens,

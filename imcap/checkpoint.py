@@ -1,4 +1,4 @@
-"""Checkpoints: atomic saves, `latest` and `best`, resume resolution, safe loading, export.
+"""Checkpoints: atomic saves, `latest` and `best`, resume resolution, safe loading.
 
     runs/<name>/checkpoints/
         step-000120/   model.safetensors  optimizer.pt  rng-rank0.pt ...  vocab.json  config.yaml  state.json
@@ -7,11 +7,11 @@
 
 A checkpoint is written into `.tmp-step-N/` by all ranks and renamed to `step-N/` by the main process
 once every rank has finished; `state.json` is written last. `latest` is replaced atomically after the
-rename, so it never names a partial checkpoint, and a crash during a save leaves the previous one intact
-(a step saved twice, at an epoch's end, is moved aside as `.old-step-N/` until its new copy is in place).
+rename, so it never names a partial checkpoint, and a crash during a save leaves the previous one intact.
 Everything is loaded without unpickling objects: weights from safetensors, the rest with
 `torch.load(weights_only=True)` or JSON/YAML.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,13 +21,18 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from imcap.config import Config, load_config, save_config
+from imcap.config import CheckpointConfig, Config, save_config
+from imcap.data.shards import atomic_write
 from imcap.text import Vocabulary
+
+if TYPE_CHECKING:
+    from imcap.evaluation import Evaluation
 
 LATEST, BEST, STATE = "latest", "best", "state.json"
 log = logging.getLogger(__name__)
@@ -44,15 +49,20 @@ class TrainState:
     batches_in_epoch: int = 0  # batches of that epoch already trained on (the data position)
     data_workers: int | None = None  # per process; with the world size, it decides an epoch's order
 
+    def advance(self, batches: int, epoch_batches: int) -> None:
+        """One optimizer step on `batches` micro-batches; past an epoch's last batch, the next epoch."""
+        self.step += 1
+        self.batches_in_epoch += batches
+        if self.batches_in_epoch >= epoch_batches:
+            self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+
+    @property
+    def at_epoch_start(self) -> bool:
+        return self.batches_in_epoch == 0
+
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict:
@@ -91,27 +101,42 @@ def safe_torch_load(path: Path):
                               f"values, which imcap never unpickles ({type(e).__name__}: {e})") from None
 
 
+def find_resume(cfg: Config, accelerator) -> Path | None:
+    """The checkpoint this run resumes from (cfg.resume), on every rank as the main process resolved it,
+    once the partial checkpoints of a run killed during a save are removed."""
+    from imcap.distributed import broadcast_object
+
+    recover_interrupted_save(cfg.run_dir, accelerator)
+    return broadcast_object(accelerator, resolve_resume(cfg.resume, cfg.run_dir))
+
+
+def recover_interrupted_save(run_dir: str | Path, accelerator) -> None:
+    """Remove the partial checkpoints a run killed during a save left."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    if accelerator.is_main_process:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoints.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
 class Checkpointer:
-    """Saves and finds the checkpoints of one run. All ranks call `save`; the main process publishes."""
+    """Saves one run's checkpoints when they are due: every `checkpoint.every_steps` steps, at the end of
+    every epoch, and when the run is stopped. All ranks call it; the main process publishes."""
 
-    def __init__(self, run_dir: str | Path, accelerator, keep_last: int = 3):
-        self.dir = Path(run_dir) / "checkpoints"
-        self.acc = accelerator
-        self.keep_last = keep_last
-        if self.acc.is_main_process:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.dir.glob(".tmp-*"):  # left by a run killed during a save
-                shutil.rmtree(stale, ignore_errors=True)
-            for old in self.dir.glob(".old-step-*"):  # killed between the renames of a second save of a step
-                final = self.dir / old.name.removeprefix(".old-")
-                if not (final / STATE).exists():
-                    shutil.rmtree(final, ignore_errors=True)
-                    os.replace(old, final)
-                shutil.rmtree(old, ignore_errors=True)
-        self.acc.wait_for_everyone()
+    def __init__(self, cfg: Config, accelerator, model, optimizer, scheduler, vocab: Vocabulary):
+        self.cfg, self.settings = cfg, cfg.checkpoint
+        self.dir = cfg.run_dir / "checkpoints"
+        self.acc, self.model, self.optimizer, self.scheduler, self.vocab = accelerator, model, optimizer, scheduler, vocab
 
-    def save(self, state: TrainState, model, optimizer, scheduler, vocab: Vocabulary, cfg: Config,
-             score: tuple[str, float, bool] | None = None) -> Path:
+    def maybe_save(self, state: TrainState, evaluation: Evaluation | None, stopping: bool = False) -> Path | None:
+        """Save if due. `best` is judged only by an evaluation of the weights being saved."""
+        every = self.settings.every_steps
+        if not (stopping or state.at_epoch_start or (every and state.step % every == 0)):
+            return None
+        return self.save(state, best_score(self.settings, evaluation, state.step))
+
+    def save(self, state: TrainState, score: tuple[str, float, bool] | None = None) -> Path:
         """score: (metric name, value, higher is better) to keep the best checkpoint by."""
         name = step_dir_name(state.step)
         final, tmp = self.dir / name, self.dir / f".tmp-{name}"
@@ -122,20 +147,16 @@ class Checkpointer:
         acc.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng-rank{acc.process_index}.pt")
         if acc.is_main_process:
-            save_file(contiguous_state(acc.unwrap_model(model)), tmp / "model.safetensors")
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+            save_file(contiguous_state(acc.unwrap_model(self.model)), tmp / "model.safetensors")
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                        tmp / "optimizer.pt")
-            vocab.save(tmp / "vocab.json")
-            save_config(cfg, tmp / "config.yaml")
-            _atomic_write(tmp / STATE, json.dumps({**asdict(state), "world_size": acc.num_processes}))
+            self.vocab.save(tmp / "vocab.json")
+            save_config(self.cfg, tmp / "config.yaml")
+            atomic_write(tmp / STATE, json.dumps({**asdict(state), "world_size": acc.num_processes}))
         acc.wait_for_everyone()  # every rank's RNG file is in place
         if acc.is_main_process:
-            old = self.dir / f".old-{name}"
-            if final.exists():  # this step saved before: kept until the new copy is in place
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-            _atomic_write(self.dir / LATEST, name)
+            os.replace(tmp, final)  # a step is saved once: the loop saves at most once per step
+            atomic_write(self.dir / LATEST, name)
             if score is not None:
                 self._update_best(name, *score)
             self._prune()
@@ -147,16 +168,23 @@ class Checkpointer:
         better = (best is None or best["metric"] != metric
                   or (value > best["value"] if higher_is_better else value < best["value"]))
         if better:
-            _atomic_write(self.dir / BEST, json.dumps({"name": name, "metric": metric, "value": value}))
+            atomic_write(self.dir / BEST, json.dumps({"name": name, "metric": metric, "value": value}))
 
     def _prune(self) -> None:
-        keep = {p.name for p in complete_checkpoints(self.dir)[-self.keep_last:]}
+        keep = {p.name for p in complete_checkpoints(self.dir)[-self.settings.keep_last :]}
         best = read_best(self.dir)
         if best:
             keep.add(best["name"])
         for path in complete_checkpoints(self.dir):
             if path.name not in keep:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def best_score(settings: CheckpointConfig, evaluation: Evaluation | None, step: int) -> tuple[str, float, bool] | None:
+    """(metric, value, higher is better) of an evaluation of this step, if it has the metric `best` is kept by."""
+    metric = settings.best_metric
+    value = evaluation.scores.get(metric) if evaluation is not None and evaluation.step == step else None
+    return None if value is None else (metric, value, metric != "val_loss")
 
 
 def complete_checkpoints(checkpoints: Path) -> list[Path]:
@@ -269,43 +297,3 @@ def _order_differs(meta: dict, world_size: int, data_workers: int | None) -> boo
         return True
     saved = meta.get("data_workers")  # absent from checkpoints of earlier versions: unknown
     return saved is not None and max(1, saved) != max(1, data_workers or 0)
-
-
-# ------------------------------------------------------------------------------------ inference / export
-
-def find_model_dir(path: str | Path) -> Path:
-    """A run directory (its best, else latest checkpoint), a checkpoint directory or an export directory."""
-    path = Path(path)
-    if (path / "model.safetensors").exists():
-        return path
-    if (path / "checkpoints").is_dir():
-        best = read_best(path / "checkpoints")
-        if best and (path / "checkpoints" / best["name"] / STATE).exists():
-            return path / "checkpoints" / best["name"]
-        latest = latest_checkpoint(path)
-        if latest:
-            return latest
-    raise CheckpointError(f"{path}: no model found (expected a run directory with checkpoints, a checkpoint "
-                          "directory or an export directory holding model.safetensors, vocab.json, config.yaml)")
-
-
-def load_for_inference(path: str | Path):
-    """-> (model in eval mode, vocabulary, config) from a run, checkpoint or export directory."""
-    from imcap.model import Captioner
-
-    model_dir = find_model_dir(path)
-    cfg = load_config(model_dir / "config.yaml", ["model.encoder.weights=none"])  # every weight is in the checkpoint
-    vocab = Vocabulary.load(model_dir / "vocab.json")
-    model = Captioner(cfg.model, len(vocab))
-    model.load_state_dict(load_file(model_dir / "model.safetensors"))
-    return model.eval(), vocab, cfg
-
-
-def export(path: str | Path, out_dir: str | Path) -> Path:
-    """Weights (safetensors), vocabulary and config for inference; no optimizer or RNG state."""
-    model_dir = find_model_dir(path)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "vocab.json", "config.yaml"):
-        shutil.copyfile(model_dir / name, out_dir / name)
-    return out_dir

@@ -1,4 +1,5 @@
 """The `imcap` command: thin subcommands that parse arguments and call the library."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,8 @@ def cmd_eval(args) -> None:
     from imcap.evaluation import evaluate_model
 
     out = args.out or str(Path(args.model) / f"eval-{args.split}")
-    scores = evaluate_model(args.model, args.split, out, beam_size=args.beam_size, max_images=args.max_images,
-                            shards=args.shards, batch_size=args.batch_size, cpu=args.cpu)
+    scores = evaluate_model(args.model, args.split, out, args.shards, args.cpu, beam_size=args.beam_size,
+                            max_images=args.max_images, batch_size=args.batch_size)
     print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
 
 
@@ -41,29 +42,25 @@ def cmd_features(args) -> None:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from imcap import features
-    from imcap.data.dataset import prepare_data
+    from imcap.data.feature_cache import cache_dir_for
+    from imcap.data.training_data import prepare_data
+    from imcap.encoder_setup import build_feature_cache, estimate_batchnorm
     from imcap.model import Captioner
-    from imcap.train import estimate_batchnorm
 
     cfg = load_config(args.config, args.overrides)
     acc = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision)
     set_seed(cfg.train.seed)  # the encoder the trainer builds: `weights: none` from the same seed,
     data = prepare_data(cfg, acc)
-    model = Captioner(cfg.model, len(data.vocab))
+    model = Captioner(cfg.model, len(data.vocab), data.vocab.pad)
     estimate_batchnorm(model, data, cfg, acc)  # with the same BatchNorm statistics
-    encoder, enc = model.encoder, cfg.model.encoder
-    out = args.out or str(features.cache_dir_for(cfg.data.shards, encoder, cfg.data.image_size))
-    with acc.autocast():  # as the trainer builds it
-        sizes = features.build_cache_shards(encoder, cfg.data.shards, [cfg.data.train_split, cfg.data.val_split],
-                                            out, cfg.data.image_size, args.batch_size, acc.device, args.dtype)
-    features.finish_cache(out, cfg.data.shards, sizes, encoder, cfg.data.image_size, enc.weights, args.dtype)
-    print(f"{sum(sizes.values())} images cached in {out}; train from it with data.shards={out} "
+    out = Path(args.out or cache_dir_for(cfg.data.shards, model.encoder, cfg.data.image_size))
+    cached = build_feature_cache(model, cfg, acc, out, args.batch_size, args.dtype)
+    print(f"{cached} images cached in {out}; train from it with data.shards={out} "
           f"(or data.feature_cache=true, which finds it)")
 
 
 def cmd_export(args) -> None:
-    from imcap.checkpoint import export
+    from imcap.inference import export
 
     print(f"exported to {export(args.run, args.out)}")
 
@@ -128,12 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from imcap.distributed import EXIT_PREEMPTED, Preempted
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except ConfigError as e:
         print(f"imcap: config error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"imcap: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -1,11 +1,26 @@
 """Process-group helpers: agreeing on values across ranks, and the preemption flag."""
+
 from __future__ import annotations
 
 import signal
 
 import torch
 
+from imcap.data.streams import Part
+
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; requeue and resume
+
+
+class Preempted(Exception):
+    """Training stopped by a signal after every rank saved the same step; entry points exit with EXIT_PREEMPTED."""
+
+    def __init__(self, signal_name: str, step: int):
+        super().__init__(f"stopped by {signal_name} at step {step}; checkpoint saved, exiting with {EXIT_PREEMPTED}")
+
+
+def part_of(accelerator) -> Part:
+    """The share of the data this process reads."""
+    return Part(accelerator.process_index, accelerator.num_processes)
 
 
 def broadcast_object(accelerator, obj):

@@ -1,14 +1,11 @@
 """Train a captioner: `accelerate launch launch/train.py --config configs/demo.yaml [key=value ...]`.
 
-Also runs under torchrun and plain python."""
-import argparse
+Also runs under torchrun and plain python; the same as `imcap train`, exit codes included (75: preempted
+after saving a checkpoint)."""
 
-from imcap.config import load_config
-from imcap.train import train
+import sys
+
+from imcap.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True, help="a YAML file in configs/")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lr=3e-4")
-    args = parser.parse_args()
-    train(load_config(args.config, args.overrides))
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -48,3 +48,22 @@ def run_env() -> dict:
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def make_train_loader(shards: list[str], collate, *, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                      epoch: int = 0, epochs: int = 1, seed: int = 0, skip: int = 0, num_batches: int = 1, **data):
+    """The train loader of a TrainStream; `data` holds DataConfig fields (batch_size, image_size, ...)."""
+    from imcap.config import DataConfig
+    from imcap.data.streams import Part, TrainStream, train_loader
+
+    stream = TrainStream(shards, collate, DataConfig(**data), seed, Part(rank, world_size), range(epoch, epoch + epochs),
+                         skip, num_batches)
+    return train_loader(stream, num_workers)
+
+
+def make_eval_loader(shards: list[str], collate, *, batch_size: int, image_size: int, rank: int = 0,
+                     world_size: int = 1, max_images: int = 0, num_workers: int = 0):
+    from imcap.data.streams import EvalStream, Part, eval_loader
+
+    return eval_loader(EvalStream(shards, collate, Part(rank, world_size), batch_size, image_size, max_images),
+                       num_workers)

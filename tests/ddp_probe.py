@@ -6,31 +6,29 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 
 from imcap.config import load_config
-from imcap.data.dataset import prepare_data
-from imcap.data.pipeline import batches_per_epoch
 from imcap.data.prefetch import DeviceBatches
+from imcap.data.streams import batches_per_epoch
+from imcap.data.training_data import prepare_data
+from imcap.distributed import part_of
 from imcap.model import Captioner
-from imcap.train import make_accelerator, make_optimizer, make_scheduler, train_step
+from imcap.runtime import start_process
+from imcap.train import make_optimizer, train_step
 
 if __name__ == "__main__":
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
     cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml", overrides)
-    acc = make_accelerator(cfg)
-    set_seed(cfg.train.seed)
+    acc = start_process(cfg)  # seeded
     data = prepare_data(cfg, acc)
-    model = Captioner(cfg.model, len(data.vocab))
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, 1, 100)
+    model = Captioner(cfg.model, len(data.vocab), data.vocab.pad)
+    optimizer, scheduler = make_optimizer(model, cfg, 100)
     model, optimizer = acc.prepare(model, optimizer)
     num_batches = batches_per_epoch(data.num_train_samples, cfg.data.batch_size, acc.num_processes, 1)
     seen, batches = [], 0
-    for batch in DeviceBatches(data.train_loader(epoch=0, skip=0, num_batches=num_batches, rank=acc.process_index,
-                                                 world_size=acc.num_processes), acc.device):
-        train_step(model, optimizer, scheduler, [batch], data.vocab.pad, cfg, acc)
-        seen += batch["image_ids"]
+    for batch in DeviceBatches(data.train_loader(part_of(acc), 0, 0, num_batches), acc.device):
+        train_step(model, optimizer, scheduler, [batch], cfg, acc)
+        seen += batch.image_ids
         batches += 1
     params = torch.cat([p.detach().flatten() for p in acc.unwrap_model(model).parameters()])
     (out / f"rank{acc.process_index}.json").write_text(json.dumps({

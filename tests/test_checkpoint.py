@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from conftest import ROOT, run_env, tiny_overrides
 from accelerate import Accelerator
 
-from imcap.checkpoint import (CheckpointError, Checkpointer, latest_checkpoint, load_checkpoint, read_best,
+from imcap.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_best, recover_interrupted_save,
                               resolve_resume, safe_torch_load)
 from imcap.config import ConfigError, load_config
-from imcap.distributed import EXIT_PREEMPTED
+from imcap.distributed import EXIT_PREEMPTED, Preempted
 from imcap.train import train
 
 TRAIN = [sys.executable, "launch/train.py", "--config", "configs/demo.yaml"]
@@ -153,9 +153,8 @@ def test_a_preemption_at_an_evaluation_step_loses_no_evaluation(demo_shards, tmp
         os.kill(os.getpid(), signal.SIGUSR1)
 
     threading.Thread(target=preempt, daemon=True).start()
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(Preempted, match=f"stopped by SIGUSR1 at step .*exiting with {EXIT_PREEMPTED}"):
         train(load_config(ROOT / "configs" / "demo.yaml", overrides))
-    assert stopped.value.code == EXIT_PREEMPTED
     train(load_config(ROOT / "configs" / "demo.yaml", overrides))
     assert [r["step"] for r in logged(run, "val_loss")] == list(range(1, 13))
 
@@ -187,16 +186,13 @@ def trained_run(demo_shards, tmp_path_factory):
     return runs, demo_shards
 
 
-def test_resaving_a_step_keeps_its_first_copy_until_the_second_is_in_place(tmp_path):
+def test_the_partial_checkpoint_of_a_run_killed_during_a_save_is_removed_and_the_complete_ones_kept(tmp_path):
     checkpoints = tmp_path / "checkpoints"
-    for name in ("step-000004", "step-000005"):  # killed between the two renames of a second save
-        (checkpoints / f".old-{name}").mkdir(parents=True)
-        (checkpoints / f".old-{name}" / "state.json").write_text("{}")
+    (checkpoints / ".tmp-step-000005").mkdir(parents=True)  # killed before its rename
     (checkpoints / "step-000004").mkdir()
-    (checkpoints / "step-000004" / "state.json").write_text('{"new": 1}')  # the second save got in place
-    Checkpointer(tmp_path, Accelerator(cpu=True))
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000004", "step-000005"]
-    assert (checkpoints / "step-000004" / "state.json").read_text() == '{"new": 1}'
+    (checkpoints / "step-000004" / "state.json").write_text("{}")
+    recover_interrupted_save(tmp_path, Accelerator(cpu=True))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000004"]
 
 
 def test_the_end_of_training_is_evaluated_and_best_is_scored_on_its_own_weights(trained_run):

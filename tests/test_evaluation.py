@@ -145,9 +145,10 @@ def test_evaluation_keeps_cocos_integer_image_ids_for_cocos_tools(trained, share
     import webdataset as wds
     from accelerate import Accelerator
 
-    from imcap.checkpoint import load_for_inference
-    from imcap.data.pipeline import Collate
+    from imcap.config import EvalConfig
+    from imcap.data.batch import Collate
     from imcap.evaluation import Evaluator
+    from imcap.inference import load_for_inference
 
     model_dir, _ = trained
     photo = io.BytesIO()
@@ -157,8 +158,8 @@ def test_evaluation_keeps_cocos_integer_image_ids_for_cocos_tools(trained, share
             tar.write({"__key__": key, "png": photo.getvalue(),
                        "json": json.dumps({"image_id": image_id, "captions": ["a cup of coffee"]}).encode()})
     model, vocab, cfg = load_for_inference(model_dir)
-    evaluator = Evaluator([str(tmp_path / "val-000000.tar")], Collate(vocab, 20, 1), vocab, Accelerator(cpu=True),
-                          batch_size=2, image_size=64, max_images=0, max_length=5, alpha_c=0.0)
+    evaluator = Evaluator([str(tmp_path / "val-000000.tar")], Collate(vocab, 20, 1), Accelerator(cpu=True),
+                          EvalConfig(batch_size=2, max_length=5), image_size=64, alpha_c=0.0)
     assert [s["image_id"] for s in evaluator(model, meteor=False)["samples"]] == [7, 391895, "flickr_1000"]
 
 

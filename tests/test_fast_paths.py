@@ -8,6 +8,7 @@ import torch
 
 from conftest import ROOT
 from imcap.config import load_config
+from imcap.data.batch import CachedFeatures, Images
 from imcap.model import Captioner, caption_loss
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -56,7 +57,7 @@ def loss_and_grads(model, *inputs, captions):
 def test_grouped_captions_step_equals_the_straightforward_step(train_layer4):
     fast, reference = models(train_layer4)
     images, captions = batch()
-    fast_loss, fast_grads = loss_and_grads(fast, captions, images, captions=captions)
+    fast_loss, fast_grads = loss_and_grads(fast, captions, Images(images), captions=captions)
     ref_loss, ref_grads = loss_and_grads(reference, images, captions, captions=captions)
     assert fast_loss == pytest.approx(ref_loss, rel=1e-12)
     assert fast_grads.keys() == ref_grads.keys() and any(n.startswith("encoder.cnn.7") for n in fast_grads) == train_layer4
@@ -70,7 +71,7 @@ def test_cached_feature_step_equals_the_straightforward_step(train_layer4):
     images, captions = batch()
     cached = fast.encoder.frozen_features(images)  # what `imcap features build` stores (here in fp32)
     assert cached.shape == ((4, 1024, 4, 4) if train_layer4 else (4, 2048, 2, 2))
-    fast_loss, fast_grads = loss_and_grads(fast, captions, None, cached, captions=captions)
+    fast_loss, fast_grads = loss_and_grads(fast, captions, CachedFeatures(cached), captions=captions)
     ref_loss, ref_grads = loss_and_grads(reference, images, captions, captions=captions)
     assert fast_loss == pytest.approx(ref_loss, rel=1e-12)
     for name in fast_grads:

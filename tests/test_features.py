@@ -8,9 +8,9 @@ import torch
 from conftest import ROOT, tiny_overrides
 from imcap.cli import main as imcap
 from imcap.config import ConfigError, load_config
-from imcap.data.pipeline import DataError, list_shards
+from imcap.data.shards import DataError, list_shards
 from imcap.data.shards import ShardWriter, iter_tar_members, read_sizes
-from imcap.features import build_cache_shards, cache_is_complete, finish_cache
+from imcap.data.feature_cache import build_cache_shards, cache_is_complete, finish_cache
 from imcap.model.encoder import EncoderCNN
 from imcap.train import train
 
@@ -74,7 +74,7 @@ def test_training_finds_the_cache_features_build_made_with_the_same_batchnorm_st
 def cache_val_split(source, out) -> dict:
     """build_cache_shards on the val split (3 shards, 32 images), with the encoder `weights: none` gives."""
     torch.manual_seed(0)
-    return build_cache_shards(EncoderCNN("none", channels_last=False), str(source), ["val"], out, 64, 16, "cpu")
+    return build_cache_shards(EncoderCNN("none", channels_last=False), str(source), ["val"], out, 64, 16)
 
 
 def test_a_resumed_cache_build_counts_the_shards_it_keeps(demo_shards, tmp_path):

@@ -4,6 +4,7 @@ import torch
 import torchvision
 
 from imcap.config import load_config
+from imcap.data.batch import Images
 from imcap.model import Captioner, caption_loss
 from imcap.model.decoder import Decoder
 from imcap.model.encoder import EncoderCNN, WeightsError, estimate_batchnorm_stats, estimate_feature_stats, load_resnet50
@@ -32,20 +33,20 @@ def random_batch(batch=2, k=2, length=7, vocab_size=12, size=64, seed=0):
 def test_encoder_turns_224px_images_into_49_regions_of_2048_features():
     encoder = EncoderCNN(weights="none").eval()
     images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
-    assert encoder(images).shape == (2, 49, 2048)
+    assert encoder(Images(images)).shape == (2, 49, 2048)
 
 
 def test_frozen_encoder_gets_no_gradient_and_keeps_batchnorm_in_eval_mode():
     model, cfg = small_model()
     model.train()
     images, captions = random_batch()
-    logits, alphas = model(captions, images=images)
+    logits, alphas = model(captions, Images(images))
     caption_loss(logits, alphas, captions, 0, 1.0)[0].backward()
     assert all(p.grad is None and not p.requires_grad for p in model.encoder.parameters())
     assert all(p.grad is not None for p in model.decoder.parameters())
     norms = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and not any(m.training for m in norms)
-    assert [g["name"] for g in make_optimizer(model, cfg).param_groups] == ["decoder"]
+    assert [g["name"] for g in make_optimizer(model, cfg, 10)[0].param_groups] == ["decoder"]
 
 
 def test_train_layer4_trains_exactly_layer4_with_its_own_learning_rate():
@@ -54,12 +55,13 @@ def test_train_layer4_trains_exactly_layer4_with_its_own_learning_rate():
     trainable = {n for n, p in model.encoder.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.encoder.named_parameters() if n.startswith("cnn.7.")}  # cnn.7 is layer4
     images, captions = random_batch()
-    logits, alphas = model(captions, images=images)
+    logits, alphas = model(captions, Images(images))
     caption_loss(logits, alphas, captions, 0, 1.0)[0].backward()
     with_grad = {n for n, p in model.encoder.named_parameters() if p.grad is not None}
     assert with_grad == trainable
-    groups = {g["name"]: g for g in make_optimizer(model, cfg).param_groups}
-    assert groups["layer4"]["lr"] == pytest.approx(1e-5) and groups["decoder"]["lr"] == pytest.approx(1e-3)
+    groups = {g["name"]: g for g in make_optimizer(model, cfg, 10)[0].param_groups}
+    # the configured rates, which the schedule scales (initial_lr: LambdaLR keeps them there)
+    assert groups["layer4"]["initial_lr"] == pytest.approx(1e-5) and groups["decoder"]["initial_lr"] == pytest.approx(1e-3)
     assert {id(p) for p in groups["layer4"]["params"]} == {id(p) for p in model.encoder.layer4.parameters()}
     assert model.encoder.layer4.training and not model.encoder.cnn[0].training  # layer4's BatchNorm trains
 
@@ -68,11 +70,11 @@ def test_loss_falls_when_trained_on_one_batch():
     torch.manual_seed(0)
     model, cfg = small_model("model.decoder.dropout=0.0", "model.decoder.hidden_dim=64", "model.decoder.embed_dim=32")
     images, captions = random_batch(batch=4, k=1)
-    estimate_feature_stats(model.encoder, [{"images": images}])  # untrained features saturate the decoder
+    estimate_feature_stats(model.encoder, [Images(images)])  # untrained features saturate the decoder
     optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):
-        logits, alphas = model(captions, images=images)
+        logits, alphas = model(captions, Images(images))
         loss, xent = caption_loss(logits, alphas, captions, 0, 1.0)
         optimizer.zero_grad()
         loss.backward()
@@ -87,7 +89,7 @@ def test_loss_ignores_padding_and_attention_after_the_end():
     captions[1, 0, 3:] = torch.tensor([2, 0, 0, 0])  # a second short caption: 7 of 9 run past step 3
     # runs of steps round the captions computed up to an eighth of the batch (2): 8 run past step 3
     assert Decoder.schedule(captions).runs == [(9, 3), (8, 3)]
-    logits, alphas = model(captions, images=images)
+    logits, alphas = model(captions, Images(images))
     assert logits.shape == (9, 6, 12) and alphas.shape == (9, 6, 4)
     assert torch.all(alphas[0, 3:] == 0) and torch.all(alphas[3, 3:] == 0)  # the short captions end after 3 targets
     assert torch.allclose(alphas[1].sum(dim=1), torch.ones(6))
@@ -100,8 +102,8 @@ def test_k_captions_share_one_encoding_and_match_one_caption_per_sample():
     torch.manual_seed(0)
     model, _ = small_model("model.decoder.dropout=0.0")
     images, captions = random_batch(batch=2, k=3)
-    grouped, _ = model(captions, images=images)
-    one_by_one = torch.cat([model(captions[:, j : j + 1], images=images)[0] for j in range(3)])
+    grouped, _ = model(captions, Images(images))
+    one_by_one = torch.cat([model(captions[:, j : j + 1], Images(images))[0] for j in range(3)])
     order = torch.arange(6).view(2, 3).t().reshape(-1)  # (caption j of image i) at row i*3 + j
     # float32 kernels for 6 rows and for 2 round differently (2.5e-5 here on AVX-512); a caption given
     # another image's features differs by 0.3
@@ -159,9 +161,9 @@ def test_feature_standardisation_gives_each_channel_zero_mean_and_unit_std():
     torch.manual_seed(0)
     encoder = EncoderCNN(weights="none").eval()
     images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
-    assert encoder(images).abs().max() > 10  # untrained features grow stage by stage
-    assert estimate_feature_stats(encoder, [{"images": images[:8]}, {"images": images[8:]}]) == 16
-    features = encoder(images)  # (16, 4, 2048)
+    assert encoder(Images(images)).abs().max() > 10  # untrained features grow stage by stage
+    assert estimate_feature_stats(encoder, [Images(images[:8]), Images(images[8:])]) == 16
+    features = encoder(Images(images))  # (16, 4, 2048)
     live = encoder.feature_std > 1e-3
     assert torch.allclose(features.mean(dim=(0, 1))[live], torch.zeros(int(live.sum())), atol=1e-3)
     assert torch.allclose(features.std(dim=(0, 1), unbiased=False)[live], torch.ones(int(live.sum())), atol=1e-3)
@@ -171,7 +173,7 @@ def test_feature_standardisation_gives_each_channel_zero_mean_and_unit_std():
 def test_estimating_feature_stats_leaves_batchnorm_statistics_and_the_mode_as_they_were(train_layer4):
     model, _ = small_model(f"model.encoder.train_layer4={str(train_layer4).lower()}")  # as train() builds it
     before = {k: v.clone() for k, v in model.encoder.state_dict().items() if "running" in k}
-    estimate_feature_stats(model.encoder, [{"images": random_batch()[0]}])
+    estimate_feature_stats(model.encoder, [Images(random_batch()[0])])
     after = model.encoder.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
     frozen_norms = [m for m in model.encoder.frozen_part.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -205,7 +207,7 @@ def test_estimated_batchnorm_statistics_make_a_trained_layer4_see_the_same_featu
 
 def test_training_an_untrained_layer4_without_estimated_batchnorm_statistics_is_refused_before_any_work():
     from imcap.config import ConfigError
-    from imcap.train import estimate_batchnorm
+    from imcap.encoder_setup import estimate_batchnorm
 
     model, cfg = small_model("model.encoder.train_layer4=true")  # loads: inference builds such models too
     with pytest.raises(ConfigError, match="batchnorm_stats_images"):

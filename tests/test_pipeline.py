@@ -14,14 +14,15 @@ import torch
 from PIL import Image
 
 from imcap.config import load_config
-from imcap.data.pipeline import (Collate, DataError, SampleError, count_samples, decode_image, decode_sample,
-                                 eval_loader, jpeg_for_device, list_shards, model_inputs, split_captions,
-                                 train_loader)
-from imcap.data.shards import ShardWriter, iter_tar_members
+from imcap.data.batch import Collate, Images, Jpegs
+from imcap.data.prefetch import to_device
+from imcap.data.samples import SampleError, decode_image, decode_sample, jpeg_for_device
+from imcap.data.shards import DataError, ShardWriter, count_samples, iter_tar_members, list_shards
+from imcap.data.training_data import split_captions
 from imcap.model import Captioner, caption_loss
 from imcap.text import Vocabulary
 
-from conftest import ROOT, run_env, tiny_overrides
+from conftest import ROOT, make_eval_loader, make_train_loader, run_env, tiny_overrides
 
 
 def image_bytes(image: Image.Image, fmt: str) -> bytes:
@@ -35,14 +36,14 @@ def sample(key: str, data: bytes, ext: str, captions=("a thing",)) -> dict:
 
 
 def stream_ids(shards, collate, **kw) -> list[list[str]]:
-    return [batch["image_ids"] for batch in train_loader(shards, collate, **kw)]
+    return [batch.image_ids for batch in make_train_loader(shards, collate, **kw)]
 
 
 def demo_collate(shards_dir: Path, k: int = 1) -> Collate:
     return Collate(Vocabulary.load(shards_dir / "vocab.json"), 30, k)
 
 
-TRAIN = dict(epoch=0, seed=0, batch_size=4, image_size=64, random_crop=True, shuffle_buffer=16)
+TRAIN = dict(epoch=0, seed=0, batch_size=4, image_size=64, train_crop="random", shuffle_buffer=16)
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "RGB"])
@@ -76,13 +77,13 @@ def test_real_photos_go_through_the_pipeline_and_the_model(shared_data, tmp_path
             writer.write(sample(path.stem, path.read_bytes(), ext, [f"a photo of {path.stem}"]))
     assert {"L", "RGB"} <= modes  # grayscale and colour photos
     vocab = Vocabulary.build([f"a photo of {p.stem}" for p in photos], 1)
-    loader = eval_loader(list_shards(str(tmp_path), "train"), Collate(vocab, 10, 1), rank=0, world_size=1,
-                         batch_size=len(photos), image_size=224, max_images=0, num_workers=0)
+    loader = make_eval_loader(list_shards(str(tmp_path), "train"), Collate(vocab, 10, 1), batch_size=len(photos),
+                              image_size=224)
     batch = next(iter(loader))
-    assert batch["images"].shape == (len(photos), 3, 224, 224) and batch["skipped"] == 0
+    assert batch.inputs.pixels.shape == (len(photos), 3, 224, 224) and batch.skipped == 0
     model = Captioner(load_config(None, ["model.encoder.weights=none"]).model, len(vocab))
-    logits, alphas = model(batch["captions"], images=batch["images"])
-    assert alphas.shape[-1] == 49 and torch.isfinite(caption_loss(logits, alphas, batch["captions"], 0, 1.0)[0])
+    logits, alphas = model(batch.captions, batch.inputs)
+    assert alphas.shape[-1] == 49 and torch.isfinite(caption_loss(logits, alphas, batch.captions, 0, 1.0)[0])
 
 
 def test_corrupt_and_captionless_samples_are_skipped_and_counted(tmp_path):
@@ -96,10 +97,10 @@ def test_corrupt_and_captionless_samples_are_skipped_and_counted(tmp_path):
         writer.write({"__key__": "noimage", "txt": b"a caption"})
         writer.write(sample("good2", good, "png"))
     vocab = Vocabulary.build(["a thing"], 1)
-    batches = list(eval_loader(list_shards(str(tmp_path), "train"), Collate(vocab, 5, 1), rank=0, world_size=1,
-                               batch_size=10, image_size=32, max_images=0, num_workers=0))
-    assert [b["image_ids"] for b in batches] == [["good1", "good2"]]
-    assert batches[0]["skipped"] == 5
+    batches = list(make_eval_loader(list_shards(str(tmp_path), "train"), Collate(vocab, 5, 1), batch_size=10,
+                                    image_size=32))
+    assert [b.image_ids for b in batches] == [["good1", "good2"]]
+    assert batches[0].skipped == 5
 
 
 @pytest.mark.parametrize("fmt, jpeg_on_device", [("PNG", False), ("JPEG", False), ("JPEG", True)])
@@ -122,10 +123,10 @@ def smooth_picture(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray((127 + 120 * np.stack(channels, axis=2)).astype(np.uint8))
 
 
-def one_batch(shards_dir: Path, jpeg_on_device: bool, batch_size: int) -> dict:
-    loader = train_loader(list_shards(str(shards_dir), "train"), Collate(Vocabulary.build(["a thing"], 1), 5, 1),
-                          rank=0, world_size=1, num_batches=1, skip=0, num_workers=0,
-                          jpeg_on_device=jpeg_on_device, **{**TRAIN, "batch_size": batch_size})
+def one_batch(shards_dir: Path, jpeg_on_device: bool, batch_size: int):
+    loader = make_train_loader(list_shards(str(shards_dir), "train"), Collate(Vocabulary.build(["a thing"], 1), 5, 1),
+                               jpeg_decode="device" if jpeg_on_device else "workers",
+                               **{**TRAIN, "batch_size": batch_size})
     return next(iter(loader))
 
 
@@ -140,12 +141,13 @@ def test_jpegs_decoded_on_the_device_are_the_images_the_workers_decode(tmp_path)
             writer.write(sample(key, image_bytes(picture, fmt), "png" if fmt == "PNG" else "jpg"))
     by_workers = one_batch(tmp_path, False, len(pictures))
     on_device = one_batch(tmp_path, True, len(pictures))
-    assert "jpegs" in on_device and "images" not in on_device
-    images = model_inputs(on_device, "cpu")["images"]
-    assert on_device["image_ids"] == by_workers["image_ids"] and torch.equal(on_device["captions"], by_workers["captions"])
-    assert images.shape == by_workers["images"].shape == (len(pictures), 3, 64, 64) and images.dtype == torch.uint8
-    difference = (images.float() - by_workers["images"].float()).abs()
-    assert difference.mean() < 2 and difference.amax() < 40, [(k, d.mean().item()) for k, d in zip(on_device["image_ids"], difference)]
+    assert isinstance(on_device.inputs, Jpegs) and isinstance(by_workers.inputs, Images)
+    images = to_device(on_device, "cpu").inputs.pixels
+    assert on_device.image_ids == by_workers.image_ids and torch.equal(on_device.captions, by_workers.captions)
+    assert images.shape == by_workers.inputs.pixels.shape == (len(pictures), 3, 64, 64) and images.dtype == torch.uint8
+    difference = (images.float() - by_workers.inputs.pixels.float()).abs()
+    assert difference.mean() < 2 and difference.amax() < 40, [(k, d.mean().item())
+                                                               for k, d in zip(on_device.image_ids, difference)]
 
 
 def without_scan(jpeg: bytes) -> bytes:
@@ -160,11 +162,12 @@ def test_a_jpeg_that_decodes_neither_on_the_device_nor_with_pil_is_dropped_with_
             writer.write(sample(f"good{i}", data, "jpg", [f"thing {i}"]))
         writer.write(sample("noscan", without_scan(good[0]), "jpg"))
     batch = one_batch(tmp_path, True, 4)
-    assert sorted(batch["image_ids"]) == ["good0", "good1", "good2", "noscan"]
-    images = model_inputs(batch, "cpu")["images"]
-    assert sorted(batch["image_ids"]) == ["good0", "good1", "good2"] and batch["skipped"] == 1
-    assert images.shape[0] == batch["captions"].shape[0] == len(batch["references"]) == 3
-    assert [refs[0] for refs in batch["references"]] == [f"thing {key[-1]}" for key in batch["image_ids"]]
+    assert sorted(batch.image_ids) == ["good0", "good1", "good2", "noscan"]
+    decoded = to_device(batch, "cpu")
+    assert sorted(decoded.image_ids) == ["good0", "good1", "good2"] and decoded.skipped == 1
+    assert decoded.inputs.pixels.shape[0] == decoded.captions.shape[0] == len(decoded.references) == 3
+    assert [refs[0] for refs in decoded.references] == [f"thing {key[-1]}" for key in decoded.image_ids]
+    assert len(batch) == 4  # the batch it was made from is unchanged
 
 
 def test_a_truncated_jpeg_stays_with_the_worker_which_skips_it():
@@ -248,11 +251,11 @@ def test_epoch_order_depends_on_seed_and_epoch_only(demo_shards):
 def test_resuming_inside_an_epoch_yields_exactly_the_batches_not_yet_seen(demo_shards, workers, skip):
     shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards, k=2)
     kw = {**TRAIN, "rank": 1, "world_size": 2, "num_batches": 9, "num_workers": workers}
-    full = list(train_loader(shards, collate, skip=0, **kw))
-    resumed = list(train_loader(shards, collate, skip=skip, **kw))
-    assert [b["image_ids"] for b in resumed] == [b["image_ids"] for b in full[skip:]]
+    full = list(make_train_loader(shards, collate, skip=0, **kw))
+    resumed = list(make_train_loader(shards, collate, skip=skip, **kw))
+    assert [b.image_ids for b in resumed] == [b.image_ids for b in full[skip:]]
     for a, b in zip(resumed, full[skip:]):  # the same crops and the same chosen captions
-        assert torch.equal(a["images"], b["images"]) and torch.equal(a["captions"], b["captions"])
+        assert torch.equal(a.inputs.pixels, b.inputs.pixels) and torch.equal(a.captions, b.captions)
 
 
 @pytest.mark.parametrize("workers", [0, 2, 3])
@@ -261,32 +264,33 @@ def test_one_loader_through_several_epochs_yields_each_epoch_as_its_own_loader_w
     first yields the rest of that epoch. 7 batches an epoch: the workers' turns shift at every epoch."""
     shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards, k=2)
     kw = {**TRAIN, "rank": 0, "world_size": 1, "num_batches": 7, "num_workers": workers}
-    by_epoch = [list(train_loader(shards, collate, skip=2 if epoch == 1 else 0, **{**kw, "epoch": epoch}))
+    by_epoch = [list(make_train_loader(shards, collate, skip=2 if epoch == 1 else 0, **{**kw, "epoch": epoch}))
                 for epoch in (1, 2, 3)]
-    assert [len(e) for e in by_epoch] == [5, 7, 7] and by_epoch[1][0]["image_ids"] != by_epoch[2][0]["image_ids"]
-    through = list(train_loader(shards, collate, skip=2, epochs=3, **{**kw, "epoch": 1}))
+    assert [len(e) for e in by_epoch] == [5, 7, 7] and by_epoch[1][0].image_ids != by_epoch[2][0].image_ids
+    through = list(make_train_loader(shards, collate, skip=2, epochs=3, **{**kw, "epoch": 1}))
     expected = [b for epoch in by_epoch for b in epoch]
-    assert [b["image_ids"] for b in through] == [b["image_ids"] for b in expected]
-    assert all(torch.equal(a["images"], b["images"]) and torch.equal(a["captions"], b["captions"])
+    assert [b.image_ids for b in through] == [b.image_ids for b in expected]
+    assert all(torch.equal(a.inputs.pixels, b.inputs.pixels) and torch.equal(a.captions, b.captions)
                for a, b in zip(through, expected))
     # resumed with more processes or a larger batch: the saved position lies past the epoch's new end
-    past_the_end = list(train_loader(shards, collate, skip=9, epochs=3, **{**kw, "epoch": 1}))
-    assert [b["image_ids"] for b in past_the_end] == [b["image_ids"] for b in expected[5:]]
+    past_the_end = list(make_train_loader(shards, collate, skip=9, epochs=3, **{**kw, "epoch": 1}))
+    assert [b.image_ids for b in past_the_end] == [b.image_ids for b in expected[5:]]
 
 
 def test_too_few_shards_for_processes_times_workers_is_an_error_saying_how_to_fix_it(demo_shards):
     shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards)
     with pytest.raises(DataError, match="8 training shards cannot feed 2 processes x 5 data workers.*num_workers to 4"):
-        train_loader(shards, collate, rank=0, world_size=2, num_batches=1, skip=0, num_workers=5, **TRAIN)
+        make_train_loader(shards, collate, rank=0, world_size=2, num_batches=1, skip=0, num_workers=5, **TRAIN)
 
 
 def test_the_trainer_uses_fewer_workers_when_the_shards_are_too_few_and_says_so(demo_shards, caplog):
-    from imcap.data.dataset import CaptionData
+    from imcap.data.streams import Part
+    from imcap.data.training_data import TrainingData
 
     cfg = load_config(None, [f"data.shards={demo_shards}", "data.num_workers=5"])
-    data = CaptionData(cfg, Vocabulary.load(demo_shards / "vocab.json"), list_shards(str(demo_shards), "train"),
-                       list_shards(str(demo_shards), "val"), 96)
-    loader = data.train_loader(epoch=0, skip=0, num_batches=1, rank=0, world_size=2)
+    data = TrainingData(cfg, Vocabulary.load(demo_shards / "vocab.json"), list_shards(str(demo_shards), "train"),
+                        list_shards(str(demo_shards), "val"), 96)
+    loader = data.train_loader(Part(0, 2), first_epoch=0, skip=0, num_batches=1)
     assert loader.num_workers == 4  # 8 shards for 2 processes
     assert "data.num_workers=5, but 8 train shards feed only 4 workers in each of 2 processes" in caplog.text
 
@@ -295,8 +299,8 @@ def test_the_trainer_uses_fewer_workers_when_the_shards_are_too_few_and_says_so(
 def test_evaluation_covers_the_split_exactly_once_across_ranks_and_workers(demo_shards, world, workers):
     shards, collate = list_shards(str(demo_shards), "val"), demo_collate(demo_shards)
     ids = [i for rank in range(world)
-           for b in eval_loader(shards, collate, rank=rank, world_size=world, batch_size=5, image_size=64,
-                                max_images=0, num_workers=workers) for i in b["image_ids"]]
+           for b in make_eval_loader(shards, collate, rank=rank, world_size=world, batch_size=5, image_size=64,
+                                     num_workers=workers) for i in b.image_ids]
     assert sorted(ids) == sorted(f"val_{i:06d}" for i in range(32))
 
 

@@ -5,29 +5,31 @@ import threading
 import pytest
 import torch
 
-from imcap.data.pipeline import DataError, list_shards, train_loader
+from imcap.data.batch import Batch, Images
 from imcap.data.prefetch import DeviceBatches
-from imcap.data.shards import ShardWriter
+from imcap.data.shards import DataError, ShardWriter, list_shards
 
+from conftest import make_train_loader
 from test_pipeline import TRAIN, demo_as_jpegs, demo_collate
 
 
 def test_device_batches_are_the_loaders_batches_in_order_with_their_inputs(demo_shards):
     kw = dict(rank=0, world_size=1, num_batches=6, skip=0, num_workers=2, **TRAIN)
     shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards, k=2)
-    plain = list(train_loader(shards, collate, **kw))
-    with DeviceBatches(train_loader(shards, collate, **kw), "cpu", ahead=2) as batches:  # a thread, as on a GPU
+    plain = list(make_train_loader(shards, collate, **kw))
+    with DeviceBatches(make_train_loader(shards, collate, **kw), "cpu", ahead=2) as batches:  # a thread, as on a GPU
         prepared = list(batches)
         assert next(batches, None) is None  # stays exhausted
-    assert [b["image_ids"] for b in prepared] == [b["image_ids"] for b in plain]
+    assert [b.image_ids for b in prepared] == [b.image_ids for b in plain]
     for p, b in zip(prepared, plain):
-        assert torch.equal(p["inputs"]["images"], b["images"]) and torch.equal(p["captions"], b["captions"])
+        assert torch.equal(p.inputs.pixels, b.inputs.pixels) and torch.equal(p.captions, b.captions)
 
 
 def tiny_batches(count: int | None, then: Exception | None = None):
     """`count` one-image batches (None: without end), then `then` raised, as a loader's error would be."""
     for _ in itertools.count() if count is None else range(count):
-        yield {"captions": torch.zeros(1, 1, 3, dtype=torch.long), "images": torch.zeros(1, 3, 4, 4, dtype=torch.uint8)}
+        yield Batch(torch.zeros(1, 1, 3, dtype=torch.long), Images(torch.zeros(1, 3, 4, 4, dtype=torch.uint8)), [["a"]],
+                    ["image"])
     if then is not None:
         raise then
 
@@ -57,17 +59,17 @@ def test_on_a_gpu_the_batches_prepared_on_a_side_stream_equal_the_cpu_ones(demo_
         for sample in demo_as_jpegs(demo_shards, "train"):
             writer.write(sample)
     shards, collate = list_shards(str(tmp_path), "train"), demo_collate(demo_shards, k=2)
-    kw = dict(rank=0, world_size=1, num_batches=20, skip=0, num_workers=2, jpeg_on_device=jpeg_on_device,
-              epochs=2, **TRAIN)
-    with DeviceBatches(train_loader(shards, collate, **kw), "cpu") as batches:
-        expected = [(b["image_ids"], b["inputs"]["images"], b["captions"]) for b in batches]
+    kw = dict(rank=0, world_size=1, num_batches=20, skip=0, num_workers=2,
+              jpeg_decode="device" if jpeg_on_device else "workers", epochs=2, **TRAIN)
+    with DeviceBatches(make_train_loader(shards, collate, **kw), "cpu") as batches:
+        expected = [(b.image_ids, b.inputs.pixels, b.captions) for b in batches]
     seen = []
-    with DeviceBatches(train_loader(shards, collate, **kw), "cuda") as batches:
+    with DeviceBatches(make_train_loader(shards, collate, **kw), "cuda") as batches:
         for batch in batches:
-            images = batch["inputs"]["images"]
-            assert images.is_cuda and batch["captions"].is_cuda
+            images = batch.inputs.pixels
+            assert images.is_cuda and batch.captions.is_cuda
             checksum = images.sum(dtype=torch.int64)  # on the default stream: after the copy or decode
-            seen.append((batch["image_ids"], checksum.item(), images.cpu(), batch["captions"].cpu()))
+            seen.append((batch.image_ids, checksum.item(), images.cpu(), batch.captions.cpu()))
     assert [s[0] for s in seen] == [e[0] for e in expected] and len(seen) == 40
     for (_, checksum, images, captions), (_, cpu_images, cpu_captions) in zip(seen, expected):
         assert checksum == images.sum(dtype=torch.int64).item()

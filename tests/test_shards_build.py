@@ -17,12 +17,13 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from conftest import ROOT, run_env
+from conftest import ROOT, make_eval_loader, run_env
 from imcap.cli import main as imcap
+from imcap.data.batch import Collate
 from imcap.data.build import BuildOptions, build_shards, check_shards, parse_shard_size
-from imcap.data.pipeline import (Collate, DataError, count_samples, decode_image, eval_loader, list_shards,
-                                 split_captions)
-from imcap.data.shards import ShardWriter, TarShard, read_sizes
+from imcap.data.samples import decode_image
+from imcap.data.shards import DataError, ShardWriter, TarShard, count_samples, list_shards, read_sizes
+from imcap.data.training_data import split_captions
 from imcap.data.sources import (SourceError, read_coco, read_flickr, read_hf, read_karpathy, read_table,
                                 read_webdataset)
 from imcap.text import Vocabulary
@@ -555,9 +556,9 @@ def test_img2dataset_shards_are_read_by_the_trainer_once_check_fixes_their_sizes
     captioned = {k: c for k, (_, c) in written.items() if c}
     assert sorted(split_captions(shards)) == sorted(captioned.values())
     vocab = Vocabulary.build(captioned.values(), 1)
-    [batch] = eval_loader(shards, Collate(vocab, 10, 1), rank=0, world_size=1, batch_size=16, image_size=32,
+    [batch] = make_eval_loader(shards, Collate(vocab, 10, 1), batch_size=16, image_size=32,
                           max_images=0, num_workers=0)
-    assert sorted(batch["image_ids"]) == sorted(captioned) and batch["skipped"] == 1
+    assert sorted(batch.image_ids) == sorted(captioned) and batch.skipped == 1
 
 
 def test_img2dataset_shards_reshard_into_imcap_shards(tmp_path):

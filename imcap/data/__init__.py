@@ -1,1 +1,1 @@
-"""Datasets as WebDataset shards: sources, shard writing and checking, the reading pipeline, the demo set."""
+"""Datasets as WebDataset shards: shard I/O, the sample format, batches, streams, building and checking."""

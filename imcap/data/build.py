@@ -32,9 +32,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from imcap.data import sources
-from imcap.data.pipeline import DataError, SampleError, decode_image, decode_sample, list_shards, open_image
+from imcap.data.samples import SampleError, decode_image, decode_sample, open_image
+from imcap.data.shards import DataError, list_shards, read_shard
 from imcap.data.shards import FEATURES_DIR, SIZES_FILE, ShardWriter, read_sizes, update_sizes
-from imcap.data.sources import Problem, Record, Source, SourceError, read_shard
+from imcap.data.sources import Problem, Record, Source, SourceError
 from imcap.text import VOCAB_FILE, Vocabulary
 
 REPORT_FILE = "report.json"

@@ -7,26 +7,34 @@ step, which on a GPU is mostly the training thread launching kernels and waiting
 the step already uses every core the data workers leave, so there the batch is prepared in the
 training thread, when it is asked for.
 """
+
 from __future__ import annotations
 
+import io
+import logging
 import queue
 import threading
 from collections.abc import Iterable
 
 import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as F
 
-from imcap.data.pipeline import model_inputs
+from imcap.data.batch import Batch, Images, Jpegs
+from imcap.data.samples import place
+from imcap.data.shards import DataError
 
+log = logging.getLogger(__name__)
 _END = object()
 
 
 class DeviceBatches:
-    """Iterates `batches` with batch["inputs"] (the encoder's input, model_inputs) and batch["captions"]
-    on `device`. `ahead` batches are prepared early in a thread (default: 2 on a GPU, none on a CPU);
+    """Iterates `batches` as batches on `device` (to_device). `ahead` batches are prepared early in a thread (default: 2 on a GPU, none on a CPU);
     an error in the loader or in decoding is raised here, in the training thread. Use it as a context
     manager, so that the thread stops with the loop."""
 
-    def __init__(self, batches: Iterable[dict], device, ahead: int | None = None):
+    def __init__(self, batches: Iterable[Batch], device, ahead: int | None = None):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # the thread sets it: it needs an index
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -46,10 +54,8 @@ class DeviceBatches:
     def default_ahead(device) -> int:
         return 2 if torch.device(device).type == "cuda" else 0
 
-    def _prepare(self, batch: dict) -> dict:
-        batch["inputs"] = model_inputs(batch, self.device)  # first: decoding may drop samples
-        batch["captions"] = batch["captions"].to(self.device, non_blocking=True)
-        return batch
+    def _prepare(self, batch: Batch) -> Batch:
+        return to_device(batch, self.device)
 
     def _fill(self) -> None:
         try:
@@ -77,7 +83,7 @@ class DeviceBatches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> Batch:
         if self.finished:
             raise StopIteration
         if not self.ahead:
@@ -92,7 +98,7 @@ class DeviceBatches:
         if ready is not None:
             step_stream = torch.cuda.current_stream(self.device)
             step_stream.wait_event(ready)
-            for tensor in (*batch["inputs"].values(), batch["captions"]):
+            for tensor in (*batch.inputs.tensors(), batch.captions):
                 tensor.record_stream(step_stream)  # made on the side stream, used on the step's: keep until done
         return batch
 
@@ -107,3 +113,56 @@ class DeviceBatches:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def to_device(batch: Batch, device) -> Batch:
+    """The batch on the device, its JPEGs decoded there (which may drop samples the workers would have)."""
+    if isinstance(batch.inputs, Jpegs):
+        batch = decode_jpegs(batch, device)
+    return batch.to(device)
+
+
+def decode_jpegs(batch: Batch, device) -> Batch:
+    """The batch with its Jpegs decoded on the device as Images (B', 3, S, S) uint8. A JPEG the device
+    refuses is decoded here by PIL; one that PIL refuses too is dropped with its captions and counted
+    in `skipped`, as a worker would have skipped it."""
+    packed: Jpegs = batch.inputs
+    if torch.device(device).type == "cuda":  # nvJPEG's output may be memory that work queued on this stream
+        torch.cuda.current_stream(device).synchronize()  # still reads: it does not wait (pytorch/vision#9606)
+    ends = packed.ends.tolist()
+    starts = [0] + ends[:-1]
+    on_device = [i for i in range(len(ends)) if ends[i] > starts[i]]
+    jpegs = [packed.data[starts[i] : ends[i]] for i in on_device]
+    try:
+        images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad JPEG fails the whole call: decode them one by one
+        images = [_decode_one(jpeg, device) for jpeg in jpegs]
+    decoded = dict(zip(on_device, images))
+    worker_decoded = iter(packed.decoded)
+    out, keep = [], []
+    for i, (w, h, left, top, size) in enumerate(packed.boxes.tolist()):
+        if i not in decoded:
+            image = next(worker_decoded).to(device, non_blocking=True)
+        elif decoded[i] is not None:
+            image = F.resize(decoded[i], [h, w], antialias=True) if decoded[i].shape[1:] != (h, w) else decoded[i]
+            image = image[:, top : top + size, left : left + size]
+        else:
+            try:
+                jpeg = Image.open(io.BytesIO(packed.data[starts[i] : ends[i]].numpy().tobytes())).convert("RGB")
+                image = place(jpeg, (w, h, left, top), size).to(device)
+            except Exception as e:  # what a worker's decode would have skipped
+                log.warning("skipping sample %s: its JPEG decodes neither on %s nor with PIL: %s",
+                            batch.image_ids[i], device, e)
+                continue
+        out.append(image)
+        keep.append(i)
+    if not keep:
+        raise DataError(f"no image of a training batch could be decoded: {batch.image_ids}")
+    return batch.select(keep, Images(torch.stack(out)), skipped=len(ends) - len(keep))
+
+
+def _decode_one(jpeg: torch.Tensor, device) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(jpeg, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None

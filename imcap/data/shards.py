@@ -1,7 +1,9 @@
-"""Writing WebDataset shards: `{split}-NNNNNN.tar`, written under a temporary name and renamed when
-complete, plus `sizes.json` (samples per shard), which the pipeline uses to size an epoch."""
+"""Shard I/O: listing shards, counting their samples (sizes.json), reading their members and samples,
+and writing `{split}-NNNNNN.tar` under a temporary name, renamed into place when complete."""
+
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -9,8 +11,58 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import webdataset as wds
+
 SIZES_FILE = "sizes.json"
-FEATURES_DIR = "features"  # <shards>/features/<digest>/: feature caches made from the shards (imcap/features.py)
+FEATURES_DIR = "features"  # <shards>/features/<digest>/: feature caches made from the shards (feature_cache.py)
+
+
+class DataError(ValueError):
+    """Shards that cannot be used as asked: none where they should be, no sample count, no usable sample."""
+
+
+def list_shards(spec: str, split: str | None = None) -> list[str]:
+    """A directory (its `{split}-*.tar`; every .tar without a split, img2dataset's 00000.tar too) or a
+    brace/glob pattern (its `{split}-*.tar`, with a split: one pattern may name both splits) -> sorted shard paths."""
+    if Path(spec).is_dir():
+        shards = sorted(glob.glob(str(Path(spec) / (f"{split}-*.tar" if split else "*.tar"))))
+    else:
+        matches = (p for pattern in wds.shardlists.expand_urls(spec) for p in glob.glob(pattern))
+        shards = sorted(p for p in matches if not split or Path(p).name.startswith(f"{split}-"))
+    if not shards:
+        what, files = (f"shards for split {split!r}", f"{split}-NNNNNN.tar") if split else (".tar shards", ".tar")
+        raise DataError(
+            f"no {what} at {spec}: expected {files} files there (build them with "
+            "`imcap shards build`) or a pattern like dir/train-{000000..000009}.tar"
+        )
+    return shards
+
+
+def count_samples(shards: list[str]) -> int:
+    """Samples in these shards, from the sizes.json beside them."""
+    total = 0
+    for shard in shards:
+        sizes = read_sizes(Path(shard).parent)
+        name = Path(shard).name
+        if name not in sizes:
+            raise DataError(
+                f"{Path(shard).parent / 'sizes.json'} has no sample count for {name}; "
+                "rebuild the shards or run `imcap shards check --fix-sizes` on them"
+            )
+        total += sizes[name]
+    return total
+
+
+def read_shard(shard: str, errors: list[str]) -> Iterator[dict]:
+    """The raw samples of one shard (extension -> bytes), grouped as the trainer groups them. If the tar
+    cannot be read to its end, why goes into errors (webdataset reports one failure at several levels;
+    the outermost says it best)."""
+    failures = []
+    yield from wds.DataPipeline(
+        wds.SimpleShardList([shard]), wds.tarfile_to_samples(handler=lambda exn: failures.append(exn) or True)
+    )
+    if failures:
+        errors.append(f"{type(failures[-1]).__name__}: {failures[-1].args[0]}")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -119,9 +171,13 @@ def read_sizes(shard_dir: str | Path) -> dict[str, int]:
 
 def update_sizes(shard_dir: str | Path, sizes: dict[str, int]) -> None:
     merged = {**read_sizes(shard_dir), **sizes}
-    path = Path(shard_dir) / SIZES_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(dict(sorted(merged.items())), indent=1))
+    atomic_write(Path(shard_dir) / SIZES_FILE, json.dumps(dict(sorted(merged.items())), indent=1))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write text to path through a temporary file: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 

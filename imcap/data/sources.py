@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Iterable, Iterator
 
-import webdataset as wds
-
-from imcap.data.pipeline import IMAGE_EXTENSIONS, SampleError, image_id, list_shards, sample_captions
+from imcap.data.samples import IMAGE_EXTENSIONS, SampleError, image_id, sample_captions
+from imcap.data.shards import list_shards, read_shard
 
 
 class SourceError(ValueError):
@@ -415,16 +414,6 @@ def read_webdataset(split_shards: list[tuple[str, str]]) -> Source:
 def webdataset_shards(spec: str, split: str) -> list[str]:
     """A directory's {split}-*.tar, or every shard a pattern names: its split is the one it is given for."""
     return list_shards(spec, split if Path(spec).is_dir() else None)
-
-
-def read_shard(shard: str, errors: list[str]) -> Iterator[dict]:
-    """The samples of one shard, grouped as the trainer groups them. If the tar cannot be read to its end,
-    why goes into errors (webdataset reports one failure at several levels; the outermost says it best)."""
-    failures = []
-    yield from wds.DataPipeline(wds.SimpleShardList([shard]),
-                                wds.tarfile_to_samples(handler=lambda exn: failures.append(exn) or True))
-    if failures:
-        errors.append(f"{type(failures[-1]).__name__}: {failures[-1].args[0]}")
 
 
 def _shard_records(shards: list[str]) -> Iterator[Record | Problem]:

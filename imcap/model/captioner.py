@@ -1,4 +1,5 @@
 """The captioner: EncoderCNN + Decoder, and its training loss."""
+
 from __future__ import annotations
 
 import torch
@@ -6,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imcap.config import ModelConfig
+from imcap.data.batch import CachedFeatures, Images
 from imcap.model.decoder import Decoder
 from imcap.model.encoder import EncoderCNN
 
@@ -19,13 +21,12 @@ class Captioner(nn.Module):
         self.decoder = Decoder(vocab_size, EncoderCNN.feature_dim, dec.embed_dim, dec.hidden_dim,
                                dec.attention_dim, dec.dropout)
 
-    def forward(self, captions: torch.Tensor, images: torch.Tensor | None = None,
-                frozen: torch.Tensor | None = None):
-        """captions (B, k, T); images (B, 3, H, W) uint8 or frozen (cached) encoder features.
+    def forward(self, captions: torch.Tensor, inputs: Images | CachedFeatures):
+        """captions (B, k, T) token ids; inputs: images (B, 3, H, W) uint8 or cached encoder features.
 
         -> logits (B*k, T-1, V), alphas (B*k, T-1, R)."""
-        schedule = self.decoder.schedule(captions, self.pad_id)  # its wait for the device comes before the encoder's work
-        features = self.encoder(images, frozen)  # (B, R, 2048)
+        schedule = self.decoder.schedule(captions, self.pad_id)  # it waits for the device: before the encoder's work
+        features = self.encoder(inputs)  # (B, R, 2048)
         return self.decoder(features, captions, schedule, self.pad_id)
 
     def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 
+from imcap.data.batch import CachedFeatures, Images
 from imcap.model.captioner import Captioner
 
 
@@ -20,21 +21,21 @@ class Decoded(NamedTuple):
     logprobs: torch.Tensor  # (B,) log-probability of each caption
 
 
-def _start(model: Captioner, images, frozen, copies: int):
+def _start(model: Captioner, inputs: Images | CachedFeatures, copies: int):
     """Encode once, then repeat the features `copies` times per image: features, projection, h, c."""
     decoder = model.decoder
-    features, projected = decoder.prepare(model.encoder(images, frozen))  # (B, R, D), (B, R, A)
+    features, projected = decoder.prepare(model.encoder(inputs))  # (B, R, D), (B, R, A)
     features, projected = (x.repeat_interleave(copies, dim=0) for x in (features, projected))
     h, c = decoder.init_state(features)
     return features, projected, h, c
 
 
 @torch.no_grad()
-def greedy_decode(model: Captioner, start_id: int, end_id: int, max_length: int,
-                  images: torch.Tensor | None = None, frozen: torch.Tensor | None = None) -> Decoded:
+def greedy_decode(model: Captioner, inputs: Images | CachedFeatures, start_id: int, end_id: int,
+                  max_length: int) -> Decoded:
     """The most likely word at every step, for at most max_length steps."""
     decoder = model.decoder
-    features, projected, h, c = _start(model, images, frozen, 1)
+    features, projected, h, c = _start(model, inputs, 1)
     batch = features.shape[0]
     words = torch.full((batch,), start_id, dtype=torch.long, device=features.device)
     done = torch.zeros(batch, dtype=torch.bool, device=features.device)
@@ -58,9 +59,8 @@ def greedy_decode(model: Captioner, start_id: int, end_id: int, max_length: int,
 
 
 @torch.no_grad()
-def beam_search(model: Captioner, start_id: int, end_id: int, max_length: int, beam_size: int,
-                images: torch.Tensor | None = None, frozen: torch.Tensor | None = None,
-                length_penalty: float = 0.0, no_repeat_ngram: int = 0) -> Decoded:
+def beam_search(model: Captioner, inputs: Images | CachedFeatures, start_id: int, end_id: int, max_length: int,
+                beam_size: int, length_penalty: float = 0.0, no_repeat_ngram: int = 0) -> Decoded:
     """Batched beam search: every image keeps `beam_size` running captions.
 
     A caption that emits <end> is finished; its score is its log-probability divided by
@@ -70,7 +70,7 @@ def beam_search(model: Captioner, start_id: int, end_id: int, max_length: int, b
     """
     decoder = model.decoder
     k = beam_size
-    features, projected, h, c = _start(model, images, frozen, k)  # (B*k, ...)
+    features, projected, h, c = _start(model, inputs, k)  # (B*k, ...)
     batch, device = features.shape[0] // k, features.device
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
@@ -145,10 +145,9 @@ def _block_repeats(step_logprobs: torch.Tensor, history: torch.Tensor, n: int) -
             step_logprobs[b, k, list(banned)] = float("-inf")
 
 
-def decode(model: Captioner, start_id: int, end_id: int, max_length: int, beam_size: int = 1,
-           images: torch.Tensor | None = None, frozen: torch.Tensor | None = None,
-           length_penalty: float = 0.0, no_repeat_ngram: int = 0) -> Decoded:
+def decode(model: Captioner, inputs: Images | CachedFeatures, start_id: int, end_id: int, max_length: int,
+           beam_size: int = 1, length_penalty: float = 0.0, no_repeat_ngram: int = 0) -> Decoded:
     """Greedy search for beam_size 1 (without n-gram blocking), else beam search."""
     if beam_size == 1 and not no_repeat_ngram:
-        return greedy_decode(model, start_id, end_id, max_length, images, frozen)
-    return beam_search(model, start_id, end_id, max_length, beam_size, images, frozen, length_penalty, no_repeat_ngram)
+        return greedy_decode(model, inputs, start_id, end_id, max_length)
+    return beam_search(model, inputs, start_id, end_id, max_length, beam_size, length_penalty, no_repeat_ngram)

@@ -1,4 +1,5 @@
 """EncoderCNN: torchvision's ResNet-50 without pooling and classifier, as a grid of region features."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +7,8 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+
+from imcap.data.batch import CachedFeatures, Images
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,7 +80,7 @@ class EncoderCNN(nn.Module):
 
     The "frozen part" (everything, or everything before layer4 when layer4 trains) runs without
     gradients and keeps its BatchNorm layers in eval mode. Its output can be cached and fed back
-    through `frozen=` to skip decoding and most of the encoder.
+    as CachedFeatures, skipping decoding and most of the encoder.
     """
 
     feature_dim = 2048
@@ -120,11 +123,12 @@ class EncoderCNN(nn.Module):
         with torch.no_grad():
             return self.frozen_part(self.normalize(images))
 
-    def forward(self, images: torch.Tensor | None = None, frozen: torch.Tensor | None = None) -> torch.Tensor:
-        if frozen is None:
-            x = self.frozen_features(images)
+    def forward(self, inputs: Images | CachedFeatures) -> torch.Tensor:
+        """-> features (B, R, 2048), standardised per channel."""
+        if isinstance(inputs, Images):
+            x = self.frozen_features(inputs.pixels)
         else:  # a cache holds bf16 or fp16: compute in the model's dtype
-            x = frozen.to(self.feature_mean.dtype).contiguous(memory_format=self.memory_format)
+            x = inputs.features.to(self.feature_mean.dtype).contiguous(memory_format=self.memory_format)
         if self.train_layer4:
             x = self.layer4(x)  # (B, 2048, h, w)
         features = x.flatten(2).transpose(1, 2)  # (B, h*w, 2048)
@@ -161,7 +165,7 @@ def estimate_batchnorm_stats(encoder: EncoderCNN, image_batches) -> int:
 @torch.no_grad()
 def estimate_feature_stats(encoder: EncoderCNN, batches) -> int:
     """Set the per-channel mean and std that standardise the encoder's features, from `batches` of
-    model inputs ({"images": ...} or {"frozen": ...}). Returns the number of images seen.
+    model inputs (Images or CachedFeatures). Returns the number of images seen.
 
     Untrained (`weights: none`) ResNet-50 features grow stage by stage to values in the hundreds,
     which saturate the decoder; standardised, they keep what the untrained network preserves.
@@ -172,7 +176,7 @@ def estimate_feature_stats(encoder: EncoderCNN, batches) -> int:
     encoder.eval()  # BatchNorm on its running statistics, left as they are
     total, total_sq, count, images = 0.0, 0.0, 0, 0
     for inputs in batches:
-        features = encoder(**inputs).double()  # (B, R, D)
+        features = encoder(inputs).double()  # (B, R, D)
         total = total + features.sum(dim=(0, 1))
         total_sq = total_sq + (features ** 2).sum(dim=(0, 1))
         count += features.shape[0] * features.shape[1]

@@ -7,6 +7,7 @@ statistics included) and the image size; the trainer refuses a cache whose diges
 own encoder's, so a cache is never used with an encoder, weights or image size it was not made with.
 It also records the source shards' fingerprint: a cache of shards rebuilt since is built again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,9 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_safetensors
 
-from imcap.data.pipeline import DataError, SampleError, decode_sample, list_shards
-from imcap.data.shards import FEATURES_DIR, SIZES_FILE, TarShard, read_sizes, update_sizes
-from imcap.data.sources import read_shard
+from imcap.data.samples import Sample, SampleError, decode_sample
+from imcap.data.shards import (FEATURES_DIR, SIZES_FILE, DataError, TarShard, atomic_write, list_shards, read_shard,
+                               read_sizes, update_sizes)
+from imcap.data.streams import Part
 from imcap.model.encoder import EncoderCNN
 from imcap.text import VOCAB_FILE
 
@@ -70,35 +72,36 @@ def check_cache(cache_dir: str | Path, encoder: EncoderCNN, image_size: int, wei
 
 
 @torch.no_grad()
-def build_cache_shards(encoder: EncoderCNN, source: str, splits: list[str], out_dir: str | Path,
-                       image_size: int, batch_size: int, device, dtype: str = "bf16",
-                       rank: int = 0, world_size: int = 1) -> dict[str, int]:
-    """Write this rank's share of the cache shards (every world_size-th); returns their sizes.
+def build_cache_shards(encoder: EncoderCNN, source: str, splits: list[str], out_dir: str | Path, image_size: int,
+                       batch_size: int, dtype: str = "bf16", part: Part = Part()) -> dict[str, int]:
+    """Write this process's share of the cache shards (every world_size-th), on the encoder's device;
+    returns their sizes.
 
     Shards already complete in out_dir are kept (and counted), so an interrupted build continues where it
     stopped; none are kept from a finished cache of other shards than those now at source.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    encoder.eval().to(device)
+    encoder.eval()
+    device = encoder.mean.device
     # the same on every rank: finish_cache writes cache.json once every rank has built its share
     stale = _made_from_other_shards(read_cache_meta(out_dir), source)
     sizes = {}
     shards = [s for split in splits for s in list_shards(source, split)]
-    for shard in shards[rank::world_size]:
+    for shard in shards[part.rank :: part.world_size]:
         target = out_dir / Path(shard).name
         if target.exists() and not stale:  # written by an interrupted build
             sizes[target.name] = _cached_samples(target)
             continue
         with TarShard(target) as tar:
-            batch: list[dict] = []
+            batch: list[tuple[str, Sample]] = []
             errors: list[str] = []
             for sample in read_shard(shard, errors):  # a truncated tar: its samples up to the cut
                 try:
                     decoded = decode_sample(sample, image_size, None)
                 except SampleError:
                     continue  # counted again, with its reason, when the source is checked or trained on
-                batch.append(decoded | {"__key__": sample["__key__"]})
+                batch.append((sample["__key__"], decoded))
                 if len(batch) == batch_size:
                     _write_batch(tar, batch, encoder, device, DTYPES[dtype])
                     batch = []
@@ -115,14 +118,14 @@ def _cached_samples(cache_shard: Path) -> int:
         return sum(name.endswith(".safetensors") for name in tar.getnames())
 
 
-def _write_batch(tar: TarShard, batch: list[dict], encoder: EncoderCNN, device, dtype) -> None:
-    images = torch.stack([s["images"] for s in batch]).to(device)
+def _write_batch(tar: TarShard, batch: list[tuple[str, Sample]], encoder: EncoderCNN, device, dtype) -> None:
+    images = torch.stack([sample.pixels for _, sample in batch]).to(device)
     features = encoder.frozen_features(images).to(dtype).cpu()  # (B, C, h, w)
-    for sample, feature in zip(batch, features):
+    for (key, sample), feature in zip(batch, features):
         tar.write({
-            "__key__": sample["__key__"],
+            "__key__": key,
             "safetensors": save_safetensors({"features": feature.contiguous()}),
-            "json": json.dumps({"image_id": sample["image_id"], "captions": sample["captions"]}).encode(),
+            "json": json.dumps({"image_id": sample.image_id, "captions": sample.captions}).encode(),
         })
 
 
@@ -139,7 +142,7 @@ def finish_cache(out_dir: str | Path, source: str, sizes: dict[str, int], encode
         shutil.copyfile(Path(source) / VOCAB_FILE, Path(out_dir) / VOCAB_FILE)
     meta = {"digest": encoder_digest(encoder, image_size), "weights": weights, "image_size": image_size,
             "train_layer4": encoder.train_layer4, "dtype": dtype, "shards": shards_fingerprint(source)}
-    (Path(out_dir) / CACHE_FILE).write_text(json.dumps(meta, indent=1))
+    atomic_write(Path(out_dir) / CACHE_FILE, json.dumps(meta, indent=1))  # last: it marks the cache complete
 
 
 def cache_dir_for(source: str, encoder: EncoderCNN, image_size: int) -> Path:

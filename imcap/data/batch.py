@@ -1,0 +1,131 @@
+"""The batch: what collation makes of decoded samples, and what the model takes.
+
+A `Batch` is never changed in place: moving it to the device, decoding its JPEGs or dropping a
+sample makes a new one. Its inputs are one of three kinds: images, cached encoder features, or
+JPEG bytes left for the device to decode (prefetch.py turns those into images).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+
+import torch
+
+from imcap.data.samples import Sample
+from imcap.text import Vocabulary, pad_captions
+
+
+@dataclass(frozen=True)
+class Images:
+    pixels: torch.Tensor  # (B, 3, S, S) uint8; normalised inside the encoder
+
+    def to(self, device) -> Images:
+        return Images(self.pixels.to(device, non_blocking=True))
+
+    def pin_memory(self) -> Images:
+        return Images(self.pixels.pin_memory())
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.pixels,)
+
+
+@dataclass(frozen=True)
+class CachedFeatures:
+    features: torch.Tensor  # (B, C, h, w): the frozen encoder part's output, bf16, fp16 or fp32
+
+    def to(self, device) -> CachedFeatures:
+        return CachedFeatures(self.features.to(device, non_blocking=True))
+
+    def pin_memory(self) -> CachedFeatures:
+        return CachedFeatures(self.features.pin_memory())
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.features,)
+
+
+@dataclass(frozen=True)
+class Jpegs:
+    """A batch's images as a few tensors (one shared-memory handle each on the way from a worker)."""
+
+    data: torch.Tensor  # (total bytes,) uint8: every JPEG end to end
+    ends: torch.Tensor  # (B,) where each JPEG ends; an empty slice: the worker decoded that image
+    boxes: torch.Tensor  # (B, 5) crop of each: resized width, height, left, top, size
+    decoded: torch.Tensor  # (B', 3, S, S) uint8, the worker-decoded images in order (one blank if none)
+
+    def pin_memory(self) -> Jpegs:
+        return self  # read on the host by the device decoder
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return ()
+
+
+Inputs = Images | CachedFeatures | Jpegs
+
+
+@dataclass(frozen=True)
+class Batch:
+    captions: torch.Tensor  # (B, k, T) token ids, k captions per image
+    inputs: Inputs
+    references: list[list[str]]  # every caption of each image
+    image_ids: list[str | int]
+    skipped: int = 0  # samples dropped since the previous batch of this stream (unreadable, undecodable)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def to(self, device) -> Batch:
+        """On the device: captions and images or features (not Jpegs: prefetch.decode_jpegs decodes them)."""
+        return replace(self, captions=self.captions.to(device, non_blocking=True), inputs=self.inputs.to(device))
+
+    def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
+        return replace(self, captions=self.captions.pin_memory(), inputs=self.inputs.pin_memory())
+
+    def select(self, keep: list[int], inputs: Inputs, skipped: int) -> Batch:
+        """The samples at `keep`, with their new inputs, and `skipped` more samples counted as dropped."""
+        return Batch(self.captions[keep], inputs, [self.references[i] for i in keep],
+                     [self.image_ids[i] for i in keep], self.skipped + skipped)
+
+
+@dataclass
+class Collate:
+    """Decoded samples -> a Batch, with `captions_per_image` captions of each (chosen by rng in training;
+    the first ones, repeated when there are fewer, in evaluation)."""
+
+    vocab: Vocabulary
+    max_length: int
+    captions_per_image: int
+
+    def __call__(self, samples: list[Sample], rng: random.Random | None) -> Batch:
+        k = self.captions_per_image
+        chosen = []
+        for s in samples:
+            caps = s.captions
+            if rng is None:
+                chosen.append([caps[i % len(caps)] for i in range(k)])
+            elif len(caps) >= k:
+                chosen.append(rng.sample(caps, k))
+            else:
+                chosen.append([rng.choice(caps) for _ in range(k)])
+        encoded = [self.vocab.encode(c, self.max_length) for caps in chosen for c in caps]
+        captions = pad_captions(encoded, self.vocab.pad).view(len(samples), k, -1)  # (B, k, T)
+        return Batch(captions, collate_inputs(samples), [s.captions for s in samples], [s.image_id for s in samples])
+
+
+def collate_inputs(samples: list[Sample]) -> Inputs:
+    if any(s.jpeg for s in samples):
+        return pack_jpegs(samples)
+    if samples[0].features is not None:
+        return CachedFeatures(torch.stack([s.features for s in samples]))  # (B, C, h, w)
+    return Images(torch.stack([s.pixels for s in samples]))  # (B, 3, S, S)
+
+
+def pack_jpegs(samples: list[Sample]) -> Jpegs:
+    """JPEGs for the device, and the images a worker decoded (those the device decoder does not take)."""
+    empty = torch.empty(0, dtype=torch.uint8)
+    data = [s.jpeg.data if s.jpeg else empty for s in samples]
+    size = next(s.jpeg.size for s in samples if s.jpeg)
+    boxes = [[*s.jpeg.box, s.jpeg.size] if s.jpeg else [0] * 5 for s in samples]
+    decoded = [s.pixels for s in samples if s.jpeg is None] or [torch.zeros(3, size, size, dtype=torch.uint8)]
+    ends = torch.tensor([len(d) for d in data]).cumsum(0)
+    return Jpegs(torch.cat(data), ends, torch.tensor(boxes), torch.stack(decoded))
