@@ -10,7 +10,6 @@ from accelerate import Accelerator
 
 from imcap.config import Config, ConfigError
 from imcap.data import feature_cache
-from imcap.data.batch import Images
 from imcap.data.prefetch import to_device
 from imcap.data.streams import EvalStream, Part, eval_loader
 from imcap.data.training_data import TrainingData

@@ -20,7 +20,9 @@ from PIL import Image
 from conftest import ROOT, make_eval_loader, run_env
 from imcap.cli import main as imcap
 from imcap.data.batch import Collate
-from imcap.data.build import BuildOptions, build_shards, check_shards, parse_shard_size
+from imcap.cli.shards import parse_shard_size
+from imcap.data.build import BuildOptions, build_shards
+from imcap.data.check import check_shards
 from imcap.data.samples import decode_image
 from imcap.data.shards import DataError, ShardWriter, TarShard, count_samples, list_shards, read_sizes
 from imcap.data.training_data import split_captions

@@ -1,4 +1,4 @@
-"""Building shards from a caption source (imcap/data/sources.py), checking shards, and the `imcap shards` command.
+"""Building shards from a caption source (imcap/data/sources/).
 
     records of a split -> pool of workers: drop bad captions, read the image, decode it in full (as the
     trainer would), optionally shrink and re-encode it -> samples, in record order -> ShardWriter
@@ -9,19 +9,16 @@ The same records and options give byte-identical shards: records come in a fixed
 results back in that order, and tar headers carry nothing of this machine. Bad input never stops a build:
 each image or caption left out is counted by reason and named in report.json.
 """
+
 from __future__ import annotations
 
-import argparse
 import functools
 import glob
 import io
 import json
 import multiprocessing
-import os
-import re
 import shutil
 import sys
-import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -31,16 +28,13 @@ from typing import Iterable, NamedTuple
 from PIL import Image
 from tqdm import tqdm
 
-from imcap.data import sources
-from imcap.data.samples import SampleError, decode_image, decode_sample, open_image
-from imcap.data.shards import DataError, list_shards, read_shard
-from imcap.data.shards import FEATURES_DIR, SIZES_FILE, ShardWriter, read_sizes, update_sizes
-from imcap.data.sources import Problem, Record, Source, SourceError
+from imcap.data.samples import decode_image, open_image
+from imcap.data.shards import FEATURES_DIR, SIZES_FILE, ShardWriter, atomic_write, read_sizes
+from imcap.data.sources import Problem, Record, Source
 from imcap.text import VOCAB_FILE, Vocabulary
 
 REPORT_FILE = "report.json"
 TRAIN_SPLIT = "train"  # the vocabulary is built from this split's captions only
-CHECK_IMAGE_SIZE = 224  # check decodes as training at 224 px does (JPEGs drafted towards it)
 _STORED_AS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # formats the pipeline reads as they are
 
 
@@ -160,7 +154,7 @@ def build_shards(source: Source, out_dir: str | Path, options: BuildOptions, wor
     splits, train_captions = {}, []
     encode = functools.partial(encode_record, resize=options.resize, quality=options.quality)
     max_samples = options.shard_samples or sys.maxsize
-    with _ordered_map(workers) as ordered_map:
+    with ordered_pool(workers) as ordered_map:
         for split, items in source.splits.items():
             images = captions = 0
             total = len(items) if hasattr(items, "__len__") else None
@@ -187,9 +181,7 @@ def build_shards(source: Source, out_dir: str | Path, options: BuildOptions, wor
               "vocabulary": vocabulary,
               "problems_by_reason": dict(sorted(Counter(p.reason for p in problems).items())),
               "problems": [{"reason": p.reason, "file": p.origin, "detail": p.detail} for p in problems]}
-    tmp = out_dir / f".{REPORT_FILE}.tmp"
-    tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    os.replace(tmp, out_dir / REPORT_FILE)
+    atomic_write(out_dir / REPORT_FILE, json.dumps(report, indent=1, ensure_ascii=False))
     return report
 
 
@@ -221,7 +213,7 @@ def _unique_records(items: Iterable[Record | Problem], problems: list[Problem]):
 
 
 @contextmanager
-def _ordered_map(workers: int):
+def ordered_pool(workers: int):
     """map over `workers` processes, results in input order; one worker maps in this process.
     One task per item: a chunk would wait for items that a streaming source has not produced yet.
     Spawned, not forked: a fork of a process whose torch/OpenMP threads have run can hang in its children."""
@@ -250,202 +242,3 @@ def build_summary(report: dict, out_dir: Path, seconds: float) -> str:
             lines.append(f"  ... {len(report['problems']) - 10} more")
     lines.append(f"every problem is listed in {out_dir / REPORT_FILE}")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------- the check
-
-class ShardCheck(NamedTuple):
-    shard: str
-    samples: int
-    bad: list[tuple[str, str]]  # (key, reason) of samples the trainer would skip
-    unreadable: str  # why the tar could not be read to its end; "" when it could
-
-
-def check_shard(shard: str) -> ShardCheck:
-    errors: list[str] = []
-    bad, samples = [], 0
-    for sample in read_shard(shard, errors):
-        samples += 1
-        try:
-            decode_sample(sample, CHECK_IMAGE_SIZE, None)
-        except SampleError as e:
-            bad.append((sample["__key__"], str(e)))
-    return ShardCheck(shard, samples, bad, errors[0] if errors else "")
-
-
-def check_shards(spec: str, workers: int = 1, fix_sizes: bool = False) -> tuple[list[str], str]:
-    """Decode every sample of every shard and compare the counts with sizes.json.
-    -> (problems, each naming its shard and where possible its key; a summary line)."""
-    shards = list_shards(spec)  # every .tar of a directory, any split
-    with _ordered_map(min(workers, len(shards))) as ordered_map:
-        checks = list(tqdm(ordered_map(check_shard, shards), total=len(shards), desc="check", unit="shard",
-                           disable=None))
-    problems = []
-    for check in checks:
-        problems += [f"{check.shard}: key {key}: {reason}" for key, reason in check.bad]
-        if check.unreadable:
-            problems.append(f"{check.shard}: unreadable after {check.samples} samples: {check.unreadable}")
-    counted: dict[Path, dict[str, int]] = {}
-    for check in checks:
-        counted.setdefault(Path(check.shard).parent, {})[Path(check.shard).name] = check.samples
-    wrong_sizes = 0
-    for directory, counts in counted.items():
-        try:
-            sizes = read_sizes(directory)
-        except ValueError as e:  # a sizes.json that is not one: --fix-sizes writes a new one
-            sizes = {}
-            problems.append(str(e))
-            if fix_sizes:
-                (directory / SIZES_FILE).unlink()
-        wrong = [(name, n) for name, n in counts.items() if sizes.get(name) != n]
-        wrong_sizes += len(wrong)
-        if fix_sizes and wrong:
-            update_sizes(directory, counts)
-            continue
-        problems += [f"{directory / name}: {directory / SIZES_FILE} " +
-                     (f"says {sizes[name]} samples, the shard holds {n}" if name in sizes else
-                      f"has no entry (the shard holds {n} samples); run `imcap shards check --fix-sizes`")
-                     for name, n in wrong]
-    bad = sum(len(c.bad) for c in checks)
-    summary = (f"checked {len(shards)} shards, {sum(c.samples for c in checks)} samples: {bad} bad samples, "
-               f"{sum(bool(c.unreadable) for c in checks)} unreadable shards, {wrong_sizes} sample counts "
-               + ("fixed in sizes.json" if fix_sizes else "missing from or wrong in sizes.json"))
-    return problems, summary
-
-
-# -------------------------------------------------------------------------------------------- the CLI
-
-def parse_shard_size(text: str) -> tuple[int, int]:
-    """'1000' -> 1000 samples per shard; '256MB' (KB, MB, GB: powers of 1000) -> about that many bytes."""
-    match = re.fullmatch(r"\s*(\d+)\s*([KMG]B)?\s*", text, re.IGNORECASE)
-    if not match or int(match[1]) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shard size: give samples (1000) or bytes (256MB)")
-    if match[2] is None:
-        return int(match[1]), 0
-    return 0, int(match[1]) * 1000 ** ("KMG".index(match[2][0].upper()) + 1)
-
-
-def _workers(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of processes, at least 1")
-    return int(text)
-
-
-def cmd_build(args) -> None:
-    started = time.perf_counter()
-    samples, size_bytes = args.shard_size
-    options = BuildOptions(resize=args.resize, quality=args.quality, shard_samples=samples, shard_bytes=size_bytes,
-                           min_word_count=args.min_word_count)
-    try:
-        source = args.read(args)
-        report = build_shards(source, args.out, options, workers=args.workers)
-    except (SourceError, DataError) as e:
-        sys.exit(f"imcap shards build: {e}")
-    print(build_summary(report, Path(args.out), time.perf_counter() - started))
-
-
-def cmd_check(args) -> None:
-    try:
-        problems, summary = check_shards(args.path, workers=args.workers, fix_sizes=args.fix_sizes)
-    except DataError as e:
-        sys.exit(f"imcap shards check: {e}")
-    print("\n".join([*problems, summary]))
-    if problems:
-        sys.exit(1)
-
-
-def _read_webdataset(args) -> Source:
-    out = Path(args.out).resolve()
-    for split, spec in args.split:
-        if any(Path(shard).resolve().parent == out for shard in sources.webdataset_shards(spec, split)):
-            raise SourceError(f"{spec} is in the output directory {args.out}: re-shard into another directory")
-    return sources.read_webdataset(args.split)
-
-
-def add_shards_commands(subparsers) -> None:
-    """`imcap shards build SOURCE OUT ...` and `imcap shards check PATH`."""
-    shards = subparsers.add_parser("shards", help="write caption datasets as shards; check shards")
-    commands = shards.add_subparsers(dest="shards_command", required=True)
-
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("out", help="output directory: {split}-NNNNNN.tar, sizes.json, vocab.json, report.json "
-                                    "(an earlier build there is replaced)")
-    common.add_argument("--resize", type=int, default=0, metavar="N",
-                        help="store images whose shorter side is longer than N pixels shrunk to N (aspect kept) "
-                             "as JPEG; default: keep every image's original bytes")
-    common.add_argument("--quality", type=int, default=BuildOptions.quality, help="JPEG quality with --resize")
-    common.add_argument("--shard-size", type=parse_shard_size, default=(1000, 0), metavar="SIZE",
-                        help="samples per shard (1000) or bytes per shard (256MB); default 1000 samples")
-    common.add_argument("--workers", type=_workers, default=len(os.sched_getaffinity(0)),
-                        help="processes reading and checking images (default: every core)")
-    common.add_argument("--min-word-count", type=int, default=BuildOptions.min_word_count,
-                        help="words rarer than this in the train captions are left out of vocab.json")
-
-    build = commands.add_parser("build", help="write a caption dataset as shards, one subcommand per source layout")
-    layouts = build.add_subparsers(dest="source", required=True, metavar="SOURCE")
-
-    p = layouts.add_parser("flickr", parents=[common], help="Flickr8k / Flickr30k captions and split lists",
-                           description=f"Captions: {sources.FLICKR_LAYOUTS}.")
-    p.add_argument("--captions", type=Path, required=True, help="Flickr8k.token.txt, captions.txt or results.csv")
-    p.add_argument("--images", type=Path, required=True, help="the directory of the images")
-    p.add_argument("--split", nargs=2, action="append", required=True, metavar=("NAME", "LIST"),
-                   help="a split and its image list, e.g. --split train Flickr_8k.trainImages.txt (repeatable)")
-    p.set_defaults(read=lambda a: sources.read_flickr(a.captions, a.images, a.split))
-
-    p = layouts.add_parser("coco", parents=[common], help="COCO captions JSON (captions_train2017.json)")
-    p.add_argument("--split", nargs=3, action="append", required=True, metavar=("NAME", "CAPTIONS_JSON", "IMAGES"),
-                   help="e.g. --split train annotations/captions_train2017.json train2017 (repeatable)")
-    p.set_defaults(read=lambda a: sources.read_coco(a.split))
-
-    p = layouts.add_parser("karpathy", parents=[common], help="Karpathy split JSON (dataset_coco.json, ...)")
-    p.add_argument("--karpathy", type=Path, required=True, help="dataset_coco.json, dataset_flickr8k.json, ...")
-    p.add_argument("--images", type=Path, required=True, help="the directory the entries' filepath/filename are in")
-    p.add_argument("--restval-split", default="train", help="where Karpathy's restval images go (default: train)")
-    p.set_defaults(read=lambda a: sources.read_karpathy(a.karpathy, a.images, a.restval_split))
-
-    p = layouts.add_parser("table", parents=[common], help="CSV, TSV or JSONL: an image path and caption(s) per row",
-                           description="Several captions of an image: repeated rows, or a list (JSONL) or a "
-                                       "JSON list in a CSV/TSV cell. A line that cannot be read is reported.")
-    tables = p.add_mutually_exclusive_group(required=True)
-    tables.add_argument("--split", nargs=2, action="append", metavar=("NAME", "TABLE"),
-                        help="a split and its table (repeatable)")
-    tables.add_argument("--table", type=Path, help="one table for every split, with --split-column")
-    p.add_argument("--split-column", help="the column holding each row's split (with --table)")
-    p.add_argument("--images", type=Path, help="the directory image paths are relative to (default: the table's)")
-    p.add_argument("--image-column", default="image")
-    p.add_argument("--caption-column", default="caption")
-    p.add_argument("--format", choices=("csv", "tsv", "jsonl"), help="default: from the file's extension")
-    p.set_defaults(read=_read_table)
-
-    p = layouts.add_parser("hf", parents=[common], help="a Hugging Face dataset: imagefolder, save_to_disk or hub name")
-    p.add_argument("--dataset", required=True, help="an imagefolder directory (with metadata.jsonl or metadata.csv), "
-                                                    "a save_to_disk directory, or a hub name (needs the network)")
-    p.add_argument("--image-column", default="image")
-    p.add_argument("--caption-column", default="text")
-    p.add_argument("--id-column", help="image ids (default: the image's file name, else the row number)")
-    p.add_argument("--split", nargs=2, action="append", metavar=("NAME", "DATASET_SPLIT"),
-                   help="e.g. --split val validation (repeatable; default: every split, validation as val)")
-    p.set_defaults(read=lambda a: sources.read_hf(a.dataset, a.image_column, a.caption_column, a.split, a.id_column))
-
-    p = layouts.add_parser("webdataset", parents=[common], help="re-shard WebDataset / img2dataset shards")
-    p.add_argument("--split", nargs=2, action="append", required=True, metavar=("NAME", "SHARDS"),
-                   help="a split and its shards: a directory (its NAME-*.tar) or a pattern such as "
-                        "'laion/{00000..00099}.tar' (repeatable)")
-    p.set_defaults(read=_read_webdataset)
-    for layout in layouts.choices.values():
-        layout.set_defaults(func=cmd_build)
-
-    p = commands.add_parser("check", help="decode every sample of every shard, compare counts with sizes.json")
-    p.add_argument("path", help="a directory of shards (every .tar in it) or a brace/glob pattern")
-    p.add_argument("--fix-sizes", action="store_true",
-                   help="write the counted samples into sizes.json (e.g. for img2dataset shards, which have none)")
-    p.add_argument("--workers", type=_workers, default=len(os.sched_getaffinity(0)))
-    p.set_defaults(func=cmd_check)
-
-
-def _read_table(args) -> Source:
-    if args.table and not args.split_column:
-        raise SourceError("--table needs --split-column (or give each split's table with --split NAME TABLE)")
-    tables = [(None, args.table)] if args.table else args.split
-    return sources.read_table(tables, args.images, args.image_column, args.caption_column, args.split_column,
-                              args.format)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from imcap.cli import shards
 from imcap.config import ConfigError, load_config
 
 
@@ -119,8 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 
-    from imcap.data.build import add_shards_commands
-    add_shards_commands(sub)
+    shards.add_commands(sub)
     return parser
 
 

@@ -1,0 +1,74 @@
+"""`imcap shards check`: decode every sample of every shard as the trainer would, and compare the counts
+with sizes.json. Each problem names its shard and, where it can, the sample's key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+from tqdm import tqdm
+
+from imcap.data.build import ordered_pool
+from imcap.data.samples import SampleError, decode_sample
+from imcap.data.shards import SIZES_FILE, list_shards, read_shard, read_sizes, update_sizes
+
+CHECK_IMAGE_SIZE = 224  # check decodes as training at 224 px does (JPEGs drafted towards it)
+
+
+class ShardCheck(NamedTuple):
+    shard: str
+    samples: int
+    bad: list[tuple[str, str]]  # (key, reason) of samples the trainer would skip
+    unreadable: str  # why the tar could not be read to its end; "" when it could
+
+
+def check_shard(shard: str) -> ShardCheck:
+    errors: list[str] = []
+    bad, samples = [], 0
+    for sample in read_shard(shard, errors):
+        samples += 1
+        try:
+            decode_sample(sample, CHECK_IMAGE_SIZE, None)
+        except SampleError as e:
+            bad.append((sample["__key__"], str(e)))
+    return ShardCheck(shard, samples, bad, errors[0] if errors else "")
+
+
+def check_shards(spec: str, workers: int = 1, fix_sizes: bool = False) -> tuple[list[str], str]:
+    """Decode every sample of every shard and compare the counts with sizes.json.
+    -> (problems, each naming its shard and where possible its key; a summary line)."""
+    shards = list_shards(spec)  # every .tar of a directory, any split
+    with ordered_pool(min(workers, len(shards))) as ordered_map:
+        checks = list(tqdm(ordered_map(check_shard, shards), total=len(shards), desc="check", unit="shard",
+                           disable=None))
+    problems = []
+    for check in checks:
+        problems += [f"{check.shard}: key {key}: {reason}" for key, reason in check.bad]
+        if check.unreadable:
+            problems.append(f"{check.shard}: unreadable after {check.samples} samples: {check.unreadable}")
+    counted: dict[Path, dict[str, int]] = {}
+    for check in checks:
+        counted.setdefault(Path(check.shard).parent, {})[Path(check.shard).name] = check.samples
+    wrong_sizes = 0
+    for directory, counts in counted.items():
+        try:
+            sizes = read_sizes(directory)
+        except ValueError as e:  # a sizes.json that is not one: --fix-sizes writes a new one
+            sizes = {}
+            problems.append(str(e))
+            if fix_sizes:
+                (directory / SIZES_FILE).unlink()
+        wrong = [(name, n) for name, n in counts.items() if sizes.get(name) != n]
+        wrong_sizes += len(wrong)
+        if fix_sizes and wrong:
+            update_sizes(directory, counts)
+            continue
+        problems += [f"{directory / name}: {directory / SIZES_FILE} " +
+                     (f"says {sizes[name]} samples, the shard holds {n}" if name in sizes else
+                      f"has no entry (the shard holds {n} samples); run `imcap shards check --fix-sizes`")
+                     for name, n in wrong]
+    bad = sum(len(c.bad) for c in checks)
+    summary = (f"checked {len(shards)} shards, {sum(c.samples for c in checks)} samples: {bad} bad samples, "
+               f"{sum(bool(c.unreadable) for c in checks)} unreadable shards, {wrong_sizes} sample counts "
+               + ("fixed in sizes.json" if fix_sizes else "missing from or wrong in sizes.json"))
+    return problems, summary
