@@ -96,7 +96,7 @@ def with_reference(markdown: str, path: str = "the file") -> str:
     begin, end = markdown.find(BEGIN), markdown.find(END)
     if begin < 0 or end < begin:
         raise ValueError(f"{path} holds no reference markers: put the lines\n{BEGIN}\n{END}\nwhere it goes")
-    return markdown[: begin + len(BEGIN)] + "\n" + reference() + markdown[end:]
+    return markdown[: begin + len(BEGIN)] + "\n" + reference() + "\n" + markdown[end:]
 
 
 def _type_name(hint) -> str:
