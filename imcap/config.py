@@ -28,14 +28,14 @@ class ConfigError(ValueError):
 class DataConfig:
     shards: str = "shards/demo"  # a directory of {split}-NNNNNN.tar + sizes.json, or a brace pattern
     demo: bool = False  # generate the synthetic demo shards into `shards` when they are missing
-    train_split: str = "train"
-    val_split: str = "val"
-    image_size: int = 224
-    train_crop: Literal["random", "center"] = "random"
+    train_split: str = "train"  # the split trained on: its shards are {train_split}-NNNNNN.tar
+    val_split: str = "val"  # the split evaluated during training
+    image_size: int = 224  # side of the square crop in pixels; the grid of regions is image_size / 32 a side
+    train_crop: Literal["random", "center"] = "random"  # crop of training images; evaluation always crops the centre
     batch_size: int = 32  # images per process per micro-batch
     captions_per_image: int = 1  # k: each image is encoded once and trained with k of its captions
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
+    num_workers: int = 2  # data-loading processes per training process, each reading shards of its own
+    shuffle_buffer: int = 1000  # samples each data worker shuffles among; 0: shard order only
     feature_cache: bool = False  # train from cached outputs of the frozen part of the encoder
     # where training JPEGs are decoded: by the data workers, or by the training process on its device
     # (nvJPEG on a GPU, torchvision >= 0.19), the workers then only reading bytes; evaluation always
@@ -45,27 +45,27 @@ class DataConfig:
 
 @dataclass
 class TextConfig:
-    min_word_count: int = 5  # rarer words become <unk>
-    max_length: int = 20  # words per caption, longer ones are truncated
+    min_word_count: int = 5  # train words seen fewer times become `<unk>`
+    max_length: int = 20  # words per training caption; longer ones are truncated
 
 
 @dataclass
 class EncoderConfig:
     weights: str = "imagenet"  # imagenet | none | path to a ResNet-50 state dict
-    train_layer4: bool = False
+    train_layer4: bool = False  # train the encoder's last stage (at train.layer4_lr); the rest stays frozen
     # re-estimate every BatchNorm's statistics on this many train images before training (for weights: none,
     # whose statistics are the initial 0 and 1); 0 keeps the weights' own
     batchnorm_stats_images: int = 0
     feature_stats_images: int = 0  # standardise the features per channel with statistics of this many train images
-    channels_last: bool = True
+    channels_last: bool = True  # run the encoder in the channels_last memory format (faster convolutions)
 
 
 @dataclass
 class DecoderConfig:
-    embed_dim: int = 512
-    hidden_dim: int = 512
-    attention_dim: int = 512
-    dropout: float = 0.5
+    embed_dim: int = 512  # size of the word embeddings
+    hidden_dim: int = 512  # size of the LSTM state
+    attention_dim: int = 512  # size of the attention's hidden layer
+    dropout: float = 0.5  # dropout on the LSTM output before the word logits
     alpha_c: float = 1.0  # weight of the doubly stochastic attention penalty
 
 
@@ -77,32 +77,32 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    lr: float = 4e-4
-    layer4_lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    grad_accum_steps: int = 1
-    clip_grad_norm: float = 5.0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    epochs: int = 10  # passes over the train split
+    lr: float = 4e-4  # peak learning rate of the decoder (AdamW)
+    layer4_lr: float = 1e-4  # peak learning rate of layer4, with model.encoder.train_layer4
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 100  # optimizer steps of linear warm-up, then cosine decay to zero at the end
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    clip_grad_norm: float = 5.0  # gradients are clipped to this total norm
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast of the encoder and decoder; the loss stays fp32
     cpu: bool = False  # force CPU (and gloo) even when a GPU is visible
     cpu_threads: int = 0  # torch threads per process on CPU; 0: its share of the node's cores, less its data workers
-    seed: int = 0
-    log_every: int = 10  # optimizer steps
+    seed: int = 0  # seeds the initial weights and the data order of every epoch
+    log_every: int = 10  # log the training values every this many optimizer steps
     compile: bool = False  # torch.compile the decoder step (slower than eager on an H200: bench/RESULTS.md)
-    preemption_signal: str = "SIGUSR1"  # with SIGTERM: save a checkpoint and exit with code 75
+    preemption_signal: str = "SIGUSR1"  # this signal, like SIGTERM, makes training save a checkpoint and exit 75
 
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 0  # 0: at the end of every epoch
-    beam_size: int = 1  # 1: greedy
-    length_penalty: float = 0.0  # beam scores are log-probabilities / length ** length_penalty
+    every_steps: int = 0  # evaluate every this many optimizer steps and at the end; 0: after every epoch
+    beam_size: int = 1  # beams of the evaluations during training; 1: greedy decoding
+    length_penalty: float = 0.0  # a beam scores `log-probability / length ** length_penalty`; 0: no normalisation
     no_repeat_ngram: int = 0  # >0: no n-gram of this size twice in a caption
-    max_length: int = 20  # decoding steps
-    max_images: int = 0  # 0: the whole split
-    batch_size: int = 64
-    print_samples: int = 3
+    max_length: int = 20  # most words a generated caption has
+    max_images: int = 0  # val images evaluated; 0: the whole split
+    batch_size: int = 64  # images per process per evaluation batch
+    print_samples: int = 3  # generated captions printed after each evaluation
     tensorboard_samples: int = 4  # val images captioned into TensorBoard (text, attention figure) at every evaluation
     # which evaluations during training run METEOR, a Java process of about 10 s: the other scores need no Java run
     meteor: Literal["last", "every", "never"] = "last"
@@ -110,22 +110,22 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # 0: only at the end of every epoch
-    keep_last: int = 3
-    best_metric: str = "cider"  # an evaluation metric (higher is better) or val_loss (lower is better)
+    every_steps: int = 0  # also save every this many optimizer steps; 0: only after every epoch
+    keep_last: int = 3  # newest checkpoints kept, besides the best
+    best_metric: str = "cider"  # `best` by this metric (higher is better) or by val_loss (lower is better)
 
 
 @dataclass
 class Config:
-    run_name: str = "demo"
-    runs_dir: str = "runs"
+    run_name: str = "demo"  # the run directory is runs_dir/run_name
+    runs_dir: str = "runs"  # where run directories go
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    resume: str = "auto"  # auto | latest | none | a run or checkpoint directory
+    resume: str = "auto"  # where training starts: auto | latest | none | a run or checkpoint directory
 
     @property
     def run_dir(self) -> Path:
