@@ -8,7 +8,7 @@ JPEG bytes left for the device to decode (prefetch.py turns those into images).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -16,48 +16,38 @@ from imcap.data.samples import Sample
 from imcap.text import Vocabulary, pad_captions
 
 
+class _Tensors:
+    """Moving and pinning for a frozen dataclass whose fields are all tensors: each makes a new one."""
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def to(self, device):
+        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+    def pin_memory(self):
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
+
 @dataclass(frozen=True)
-class Images:
+class Images(_Tensors):
     pixels: torch.Tensor  # (B, 3, S, S) uint8; normalised inside the encoder
 
-    def to(self, device) -> Images:
-        return Images(self.pixels.to(device, non_blocking=True))
-
-    def pin_memory(self) -> Images:
-        return Images(self.pixels.pin_memory())
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.pixels,)
-
 
 @dataclass(frozen=True)
-class CachedFeatures:
+class CachedFeatures(_Tensors):
     features: torch.Tensor  # (B, C, h, w): the frozen encoder part's output, bf16, fp16 or fp32
 
-    def to(self, device) -> CachedFeatures:
-        return CachedFeatures(self.features.to(device, non_blocking=True))
-
-    def pin_memory(self) -> CachedFeatures:
-        return CachedFeatures(self.features.pin_memory())
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.features,)
-
 
 @dataclass(frozen=True)
-class Jpegs:
-    """A batch's images as a few tensors (one shared-memory handle each on the way from a worker)."""
+class Jpegs(_Tensors):
+    """A batch's images as a few tensors (one shared-memory handle each on the way from a worker), decoded
+    on the device by prefetch.decode_jpegs."""
 
     data: torch.Tensor  # (total bytes,) uint8: every JPEG end to end
     ends: torch.Tensor  # (B,) where each JPEG ends; an empty slice: the worker decoded that image
     boxes: torch.Tensor  # (B, 5) crop of each: resized width, height, left, top, size
     decoded: torch.Tensor  # (B', 3, S, S) uint8, the worker-decoded images in order (one blank if none)
-
-    def pin_memory(self) -> Jpegs:
-        return self  # read on the host by the device decoder
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return ()
 
 
 Inputs = Images | CachedFeatures | Jpegs
@@ -75,7 +65,7 @@ class Batch:
         return len(self.image_ids)
 
     def to(self, device) -> Batch:
-        """On the device: captions and images or features (not Jpegs: prefetch.decode_jpegs decodes them)."""
+        """On the device: captions and inputs (Jpegs are decoded there by prefetch.decode_jpegs first)."""
         return replace(self, captions=self.captions.to(device, non_blocking=True), inputs=self.inputs.to(device))
 
     def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
