@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_env, tiny_overrides
+from helpers import ROOT, run_env, tiny_overrides
 from accelerate import Accelerator
 
 from imcap.checkpoint import (CheckpointError, Checkpointer, latest_checkpoint, load_checkpoint, read_best,

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, run_env, tiny_overrides
+from helpers import ROOT, run_env, tiny_overrides
 
 
 def launch(*args, timeout=300) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_env, tiny_overrides
+from helpers import ROOT, run_env, tiny_overrides
 from imcap.cli import main as imcap
 from imcap.config import load_config
 from imcap.data.demo import build_demo

@@ -17,7 +17,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from conftest import ROOT, run_env
+from helpers import ROOT, run_env
 from imcap.cli import main as imcap
 from imcap.data.build import BuildOptions, build_shards, check_shards, parse_shard_size
 from imcap.data.pipeline import (Collate, DataError, count_samples, decode_image, eval_loader, list_shards,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_env, tiny_overrides
+from helpers import ROOT, run_env, tiny_overrides
 
 pytestmark = pytest.mark.slurm
 
