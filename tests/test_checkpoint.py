@@ -4,7 +4,6 @@ import os
 import pickle
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, run_env, tiny_overrides
+from helpers import ROOT, free_port, run_env, tiny_overrides
 from accelerate import Accelerator
 
 from imcap.checkpoint import (CheckpointError, Checkpointer, latest_checkpoint, load_checkpoint, read_best,
@@ -25,12 +24,6 @@ from imcap.distributed import EXIT_PREEMPTED
 from imcap.train import train
 
 TRAIN = [sys.executable, "launch/train.py", "--config", "configs/demo.yaml"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_ranks(overrides: list[str], world: int = 2, log: Path | None = None) -> list[subprocess.Popen]:
