@@ -14,7 +14,6 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
-from imcap.config import METRICS  # noqa: F401  (the names of the scores, in order)
 from imcap.text import tokenize
 
 log = logging.getLogger(__name__)
