@@ -26,6 +26,31 @@ from imcap.train import train
 TRAIN = [sys.executable, "launch/train.py", "--config", "configs/demo.yaml"]
 
 
+STOP = """import os, signal
+
+def stop():
+    os.kill(os.getpid(), signal.SIGSTOP)  # frozen here until the test's kill -9
+"""
+RUN_TRAIN = """
+import runpy, sys
+sys.argv[0] = "launch/train.py"
+runpy.run_path("launch/train.py", run_name="__main__")
+"""
+
+
+def stopping_at(fault: str) -> list[str]:
+    """TRAIN, with `fault` (Python) run first in the training process: it patches a function of imcap so that
+    the process stops itself (SIGSTOP) at a named point, where the test kills it with kill_9. The kill lands
+    at that point in every run, not wherever a timer happened to meet the run."""
+    return [sys.executable, "-c", STOP + fault + RUN_TRAIN, *TRAIN[2:]]
+
+
+def stopped(proc: subprocess.Popen) -> bool:
+    """Whether proc is stopped, as `stop()` of stopping_at leaves it (state T in /proc/PID/stat)."""
+    stat = Path(f"/proc/{proc.pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
 def start_ranks(overrides: list[str], world: int = 2, log: Path | None = None) -> list[subprocess.Popen]:
     """`world` plain python processes forming one gloo group, as torchrun would start them."""
     port, procs = free_port(), []
@@ -99,26 +124,61 @@ def test_kill_9_at_a_random_step_then_resume_gives_bitwise_the_weights_of_an_uni
         assert r["train_loss"] == expected[r["step"]]["train_loss"]  # same samples, same dropout
 
 
-def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint_as_latest(demo_shards, tmp_path):
-    overrides = tiny_overrides(demo_shards, tmp_path, "train.epochs=3", "checkpoint.every_steps=1")
+# Where a run saving every step is killed during the save of step 3, and what of step 3 is then on disk.
+CHECKPOINT_FILES = {"model.safetensors", "optimizer.pt", "rng-rank0.pt", "vocab.json", "config.yaml", "state.json"}
+WRITE_WEIGHTS = """
+import imcap.checkpoint
+write = imcap.checkpoint.save_file
+
+def save_file(tensors, path):
+    write(tensors, path)
+    if os.path.basename(os.path.dirname(path)) == ".tmp-step-000003":
+        stop()
+
+imcap.checkpoint.save_file = save_file
+"""
+REPLACE = """
+import imcap.checkpoint
+replace = os.replace
+
+def stopping_replace(src, dst):
+    if {condition}:
+        stop()
+    replace(src, dst)
+
+imcap.checkpoint.os.replace = stopping_replace
+"""
+SAVE_FAULTS = {
+    # the weights written into the temporary directory, the rest of the checkpoint not yet
+    "weights-written": (WRITE_WEIGHTS, ".tmp-step-000003", {"rng-rank0.pt", "model.safetensors"}),
+    # the temporary directory complete, state.json last, not yet renamed to step-000003
+    "before-the-rename": (REPLACE.format(condition='os.path.basename(src) == ".tmp-step-000003"'),
+                          ".tmp-step-000003", CHECKPOINT_FILES),
+    # step-000003 in place, `latest` not yet replaced by the file that names it
+    "before-latest-names-it": (
+        REPLACE.format(condition='os.path.basename(dst) == "latest" and open(src).read() == "step-000003"'),
+        "step-000003", CHECKPOINT_FILES),
+}
+
+
+@pytest.mark.parametrize("point", list(SAVE_FAULTS))
+def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint_as_latest(demo_shards, tmp_path, capsys, point):
+    fault, newer, newer_files = SAVE_FAULTS[point]
+    overrides = tiny_overrides(demo_shards, tmp_path, "checkpoint.every_steps=1")
     checkpoints = tmp_path / "tiny" / "checkpoints"
-    for attempt in range(5):  # the kill must land inside a save; saves are most of each step here
-        proc = subprocess.Popen([*TRAIN, *overrides], cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for(lambda: latest_checkpoint(tmp_path / "tiny") is not None and any(checkpoints.glob(".tmp-*/model.safetensors")),
-                 [proc], poll=0.002)
-        kill_9([proc])
-        partial = sorted(checkpoints.glob(".tmp-*"))
-        if partial:
-            break
-    assert partial, "no kill landed inside a save"
+    proc = subprocess.Popen([*stopping_at(fault), *overrides], cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: stopped(proc), [proc])
+    kill_9([proc])
+    assert {p.name for p in (checkpoints / newer).iterdir()} == newer_files  # killed inside the save of step 3
     latest = latest_checkpoint(tmp_path / "tiny")
-    assert (checkpoints / "latest").read_text() == latest.name
-    assert (latest / "state.json").exists() and latest.name < partial[0].name.removeprefix(".tmp-")
+    assert latest == checkpoints / "step-000002" and (checkpoints / "latest").read_text() == latest.name
+    assert {p.name for p in latest.iterdir()} == CHECKPOINT_FILES
     assert resolve_resume("auto", tmp_path / "tiny") == latest
     train(load_config(ROOT / "configs" / "demo.yaml", overrides))  # resumes from latest and finishes
-    assert not list(checkpoints.glob(".tmp-*"))
-    assert json.loads((latest_checkpoint(tmp_path / "tiny") / "state.json").read_text())["step"] == 36
+    assert f"resumed from {latest} at step 2 " in capsys.readouterr().out
+    assert not list(checkpoints.glob(".tmp-*")) and not list(checkpoints.glob(".old-*"))
+    assert json.loads((latest_checkpoint(tmp_path / "tiny") / "state.json").read_text())["step"] == 12
 
 
 def test_sigusr1_to_one_rank_makes_both_save_the_same_step_and_exit_75_then_auto_resume_finishes(demo_shards, tmp_path):
