@@ -2,7 +2,6 @@
 import json
 import os
 import pickle
-import random
 import signal
 import subprocess
 import sys
@@ -51,14 +50,15 @@ def stopped(proc: subprocess.Popen) -> bool:
     return stat[stat.rindex(")") + 2] == "T"
 
 
-def start_ranks(overrides: list[str], world: int = 2, log: Path | None = None) -> list[subprocess.Popen]:
+def start_ranks(overrides: list[str], world: int = 2, log: Path | None = None,
+                command: list[str] = TRAIN) -> list[subprocess.Popen]:
     """`world` plain python processes forming one gloo group, as torchrun would start them."""
     port, procs = free_port(), []
     for rank in range(world):
         env = {**run_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
                "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
         out = open(f"{log}.rank{rank}", "a") if log else subprocess.DEVNULL
-        procs.append(subprocess.Popen([*TRAIN, *overrides], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        procs.append(subprocess.Popen([*command, *overrides], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                       start_new_session=True))
     return procs
 
@@ -97,26 +97,74 @@ def exact_overrides(shards, runs, *extra):
                           "eval.max_images=8", *extra)
 
 
-def test_kill_9_at_a_random_step_then_resume_gives_bitwise_the_weights_of_an_uninterrupted_run(demo_shards, tmp_path):
-    reference = exact_overrides(demo_shards, tmp_path, "run_name=reference")
-    assert wait_all(start_ranks(reference)) == [0, 0]
+# Where a run of exact_overrides is killed, and the checkpoint it then resumes from: (step, epoch, batches_in_epoch).
+# Each stops both ranks at the same point of their run: before a step, or after a save returned.
+BEFORE_STEP = """
+import imcap.train
+step, steps_done = imcap.train.train_step, [0]
+
+def train_step(*args, **kwargs):
+    if steps_done[0] == {done}:
+        stop()
+    steps_done[0] += 1
+    return step(*args, **kwargs)
+
+imcap.train.train_step = train_step
+"""
+AFTER_SAVE = """
+import imcap.checkpoint
+save = imcap.checkpoint.Checkpointer.save
+
+def stopping_save(self, state, *args, **kwargs):
+    saved = save(self, state, *args, **kwargs)
+    if (state.step, state.epoch, state.batches_in_epoch) == {state}:
+        stop()
+    return saved
+
+imcap.checkpoint.Checkpointer.save = stopping_save
+"""
+KILL_POINTS = {
+    # step 5 done, not saved: resumed 4 batches into the first epoch (data workers skip them), step 5 trained again
+    "mid-epoch": (BEFORE_STEP.format(done=5), (4, 0, 4)),
+    # the first epoch's last step saved, its end not yet evaluated and saved again as the start of the second
+    "between-the-two-saves-of-an-epoch-end": (AFTER_SAVE.format(state=(6, 0, 6)), (6, 0, 6)),
+    # step 9 done, not saved: resumed 2 batches into the second epoch, step 9 trained again
+    "in-the-second-epoch": (BEFORE_STEP.format(done=9), (8, 1, 2)),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_shards, tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("uninterrupted")
+    assert wait_all(start_ranks(exact_overrides(demo_shards, runs, "run_name=reference"))) == [0, 0]
+    return runs / "reference"
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_kill_9_at_a_named_point_then_resume_gives_bitwise_the_weights_of_an_uninterrupted_run(
+        demo_shards, tmp_path, uninterrupted, point):
+    fault, resumed_at = KILL_POINTS[point]
     interrupted = exact_overrides(demo_shards, tmp_path, "run_name=interrupted")
     run = tmp_path / "interrupted"
-    kill_at = random.Random().randint(3, 10)  # a different step each run, printed on failure
-    procs = start_ranks(interrupted, log=tmp_path / "log")
-    wait_for(lambda: any(r["step"] >= kill_at for r in logged(run)), procs)
+    procs = start_ranks(interrupted, log=tmp_path / "log", command=stopping_at(fault))
+    wait_for(lambda: all(stopped(p) for p in procs), procs)
     kill_9(procs)
     resumed_from = latest_checkpoint(run)
     # read now: the resumed run prunes old checkpoints (keep_last)
-    first = 0 if resumed_from is None else json.loads((resumed_from / "state.json").read_text())["step"]
+    state = json.loads((resumed_from / "state.json").read_text())
+    assert (state["step"], state["epoch"], state["batches_in_epoch"]) == resumed_at
+    first = state["step"]
     logged_before = len(logged(run))
-    assert wait_all(start_ranks(interrupted, log=tmp_path / "log")) == [0, 0], (tmp_path / "log.rank0").read_text()[-3000:]
+    resumed = wait_all(start_ranks(interrupted, log=tmp_path / "log"))
+    log_text = (tmp_path / "log.rank0").read_text()
+    assert resumed == [0, 0], log_text[-3000:]
+    assert f"resumed from {resumed_from} at step {first} " in log_text
 
-    final_ref = load_file(tmp_path / "reference" / "checkpoints" / "step-000012" / "model.safetensors")
+    final_ref = load_file(uninterrupted / "checkpoints" / "step-000012" / "model.safetensors")
     final = load_file(run / "checkpoints" / "step-000012" / "model.safetensors")
     assert final.keys() == final_ref.keys()
-    assert all(torch.equal(final[k], final_ref[k]) for k in final), f"killed at step {kill_at}"
-    expected = {r["step"]: r for r in logged(tmp_path / "reference")}
+    assert all(torch.equal(final[k], final_ref[k]) for k in final), f"killed {point}"
+    expected = {r["step"]: r for r in logged(uninterrupted)}
     after_resume = logged(run)[logged_before:]
     assert [r["step"] for r in after_resume] == list(range(first + 1, 13))
     for r in after_resume:
