@@ -3,8 +3,8 @@
 BLEU-1..4, METEOR, ROUGE-L and CIDEr-D after PTB tokenisation, exactly as `COCOEvalCap` computes
 them. METEOR and the PTB tokeniser run on Java: without Java, METEOR is reported as unavailable and
 a Python tokeniser that mimics PTB's lower-casing and punctuation removal stands in (the BLEU,
-ROUGE-L and CIDEr-D numbers can then differ slightly from the papers'). SPICE needs Stanford
-CoreNLP models downloaded at first use, so it is only computed when asked for and able to run.
+ROUGE-L and CIDEr-D numbers can then differ slightly from the papers'). SPICE is not computed: it needs
+Stanford CoreNLP models downloaded at first use.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
-from imcap.config import METRICS  # noqa: F401  (the names of the scores, in order)
 from imcap.text import tokenize
 
 log = logging.getLogger(__name__)
@@ -46,8 +45,7 @@ def _tokenize(captions: dict[str, list[str]], java: bool) -> dict[str, list[str]
     return {k: [" ".join(tokenize(c)) for c in v] for k, v in captions.items()}
 
 
-def caption_scores(predictions: dict, references: dict, meteor: bool = True,
-                   spice: bool = False) -> dict[str, float | None]:
+def caption_scores(predictions: dict, references: dict, meteor: bool = True) -> dict[str, float | None]:
     """predictions {image_id: caption}, references {image_id: [captions]} -> {metric: score or None}.
 
     Scores are on the 0-1 scale of pycocoevalcap (CIDEr-D on its own, larger scale); a metric that
@@ -73,8 +71,6 @@ def caption_scores(predictions: dict, references: dict, meteor: bool = True,
     scores["meteor"] = _meteor(gts, res) if java and meteor else None
     scores["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
     scores["cider"] = float(Cider().compute_score(gts, res)[0])
-    if spice:
-        scores["spice"] = _spice(gts, res)
     return scores
 
 
@@ -83,12 +79,3 @@ def _meteor(gts, res) -> float:
 
     return float(Meteor().compute_score(gts, res)[0])  # the Java process ends with the object
 
-
-def _spice(gts, res) -> float | None:
-    try:
-        from pycocoevalcap.spice.spice import Spice
-
-        return float(Spice().compute_score(gts, res)[0])
-    except Exception as e:  # needs a download of Stanford CoreNLP on first use
-        log.warning("SPICE is unavailable (%s: %s); the other metrics are reported", type(e).__name__, e)
-        return None

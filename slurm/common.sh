@@ -63,7 +63,8 @@ build_launch_command() {
         launch_command+=(--num_machines "$nodes" --machine_rank "$SLURM_NODEID" --main_process_ip "$IMCAP_MAIN_ADDR")
     fi
     launch_command+=(launch/train.py --config "$IMCAP_CONFIG" "data.num_workers=$workers" "train.cpu_threads=$threads")
-    # train.cpu=true is what makes --multi_gpu start real CPU processes (FIELD-NOTES item 13).
+    # train.cpu=true is what makes --multi_gpu start real CPU processes: without it, on a node without GPUs,
+    # accelerate silently starts a single process (README, Training on several processes).
     [ "$IMCAP_CPU" = 1 ] && launch_command+=(train.cpu=true)
     launch_command+=("$@")
     echo "imcap slurm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $node: machine rank ${SLURM_NODEID:-0} of $nodes," \

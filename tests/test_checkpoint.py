@@ -2,9 +2,7 @@
 import json
 import os
 import pickle
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_env, tiny_overrides
+from helpers import ROOT, free_port, run_env, tiny_overrides
 from accelerate import Accelerator
 
 from imcap.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_best, recover_interrupted_save,
@@ -27,20 +25,40 @@ from imcap.train import train
 TRAIN = [sys.executable, "launch/train.py", "--config", "configs/demo.yaml"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+STOP = """import os, signal
+
+def stop():
+    os.kill(os.getpid(), signal.SIGSTOP)  # frozen here until the test's kill -9
+"""
+RUN_TRAIN = """
+import runpy, sys
+sys.argv[0] = "launch/train.py"
+runpy.run_path("launch/train.py", run_name="__main__")
+"""
 
 
-def start_ranks(overrides: list[str], world: int = 2, log: Path | None = None) -> list[subprocess.Popen]:
+def stopping_at(fault: str) -> list[str]:
+    """TRAIN, with `fault` (Python) run first in the training process: it patches a function of imcap so that
+    the process stops itself (SIGSTOP) at a named point, where the test kills it with kill_9. The kill lands
+    at that point in every run, not wherever a timer happened to meet the run."""
+    return [sys.executable, "-c", STOP + fault + RUN_TRAIN, *TRAIN[2:]]
+
+
+def stopped(proc: subprocess.Popen) -> bool:
+    """Whether proc is stopped, as `stop()` of stopping_at leaves it (state T in /proc/PID/stat)."""
+    stat = Path(f"/proc/{proc.pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
+def start_ranks(overrides: list[str], world: int = 2, log: Path | None = None,
+                command: list[str] = TRAIN) -> list[subprocess.Popen]:
     """`world` plain python processes forming one gloo group, as torchrun would start them."""
     port, procs = free_port(), []
     for rank in range(world):
         env = {**run_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
                "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
         out = open(f"{log}.rank{rank}", "a") if log else subprocess.DEVNULL
-        procs.append(subprocess.Popen([*TRAIN, *overrides], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        procs.append(subprocess.Popen([*command, *overrides], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                       start_new_session=True))
     return procs
 
@@ -79,26 +97,74 @@ def exact_overrides(shards, runs, *extra):
                           "eval.max_images=8", *extra)
 
 
-def test_kill_9_at_a_random_step_then_resume_gives_bitwise_the_weights_of_an_uninterrupted_run(demo_shards, tmp_path):
-    reference = exact_overrides(demo_shards, tmp_path, "run_name=reference")
-    assert wait_all(start_ranks(reference)) == [0, 0]
+# Where a run of exact_overrides is killed, and the checkpoint it then resumes from: (step, epoch, batches_in_epoch).
+# Each stops both ranks at the same point of their run: before a step, or after a save returned.
+BEFORE_STEP = """
+import imcap.train
+step, steps_done = imcap.train.train_step, [0]
+
+def train_step(*args, **kwargs):
+    if steps_done[0] == {done}:
+        stop()
+    steps_done[0] += 1
+    return step(*args, **kwargs)
+
+imcap.train.train_step = train_step
+"""
+AFTER_SAVE = """
+import imcap.checkpoint
+save = imcap.checkpoint.Checkpointer.save
+
+def stopping_save(self, state, *args, **kwargs):
+    saved = save(self, state, *args, **kwargs)
+    if (state.step, state.epoch, state.batches_in_epoch) == {state}:
+        stop()
+    return saved
+
+imcap.checkpoint.Checkpointer.save = stopping_save
+"""
+KILL_POINTS = {
+    # step 5 done, not saved: resumed 4 batches into the first epoch (data workers skip them), step 5 trained again
+    "mid-epoch": (BEFORE_STEP.format(done=5), (4, 0, 4)),
+    # the first epoch's last step evaluated and saved as the start of the second, the second not begun
+    "at-an-epoch-end": (AFTER_SAVE.format(state=(6, 1, 0)), (6, 1, 0)),
+    # step 9 done, not saved: resumed 2 batches into the second epoch, step 9 trained again
+    "in-the-second-epoch": (BEFORE_STEP.format(done=9), (8, 1, 2)),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_shards, tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("uninterrupted")
+    assert wait_all(start_ranks(exact_overrides(demo_shards, runs, "run_name=reference"))) == [0, 0]
+    return runs / "reference"
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_kill_9_at_a_named_point_then_resume_gives_bitwise_the_weights_of_an_uninterrupted_run(
+        demo_shards, tmp_path, uninterrupted, point):
+    fault, resumed_at = KILL_POINTS[point]
     interrupted = exact_overrides(demo_shards, tmp_path, "run_name=interrupted")
     run = tmp_path / "interrupted"
-    kill_at = random.Random().randint(3, 10)  # a different step each run, printed on failure
-    procs = start_ranks(interrupted, log=tmp_path / "log")
-    wait_for(lambda: any(r["step"] >= kill_at for r in logged(run)), procs)
+    procs = start_ranks(interrupted, log=tmp_path / "log", command=stopping_at(fault))
+    wait_for(lambda: all(stopped(p) for p in procs), procs)
     kill_9(procs)
     resumed_from = latest_checkpoint(run)
     # read now: the resumed run prunes old checkpoints (keep_last)
-    first = 0 if resumed_from is None else json.loads((resumed_from / "state.json").read_text())["step"]
+    state = json.loads((resumed_from / "state.json").read_text())
+    assert (state["step"], state["epoch"], state["batches_in_epoch"]) == resumed_at
+    first = state["step"]
     logged_before = len(logged(run))
-    assert wait_all(start_ranks(interrupted, log=tmp_path / "log")) == [0, 0], (tmp_path / "log.rank0").read_text()[-3000:]
+    resumed = wait_all(start_ranks(interrupted, log=tmp_path / "log"))
+    log_text = (tmp_path / "log.rank0").read_text()
+    assert resumed == [0, 0], log_text[-3000:]
+    assert f"resumed from {resumed_from} at step {first} " in log_text
 
-    final_ref = load_file(tmp_path / "reference" / "checkpoints" / "step-000012" / "model.safetensors")
+    final_ref = load_file(uninterrupted / "checkpoints" / "step-000012" / "model.safetensors")
     final = load_file(run / "checkpoints" / "step-000012" / "model.safetensors")
     assert final.keys() == final_ref.keys()
-    assert all(torch.equal(final[k], final_ref[k]) for k in final), f"killed at step {kill_at}"
-    expected = {r["step"]: r for r in logged(tmp_path / "reference")}
+    assert all(torch.equal(final[k], final_ref[k]) for k in final), f"killed {point}"
+    expected = {r["step"]: r for r in logged(uninterrupted)}
     after_resume = logged(run)[logged_before:]
     assert [r["step"] for r in after_resume] == list(range(first + 1, 13))
     for r in after_resume:
@@ -106,26 +172,61 @@ def test_kill_9_at_a_random_step_then_resume_gives_bitwise_the_weights_of_an_uni
         assert r["train_loss"] == expected[r["step"]]["train_loss"]  # same samples, same dropout
 
 
-def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint_as_latest(demo_shards, tmp_path):
-    overrides = tiny_overrides(demo_shards, tmp_path, "train.epochs=3", "checkpoint.every_steps=1")
+# Where a run saving every step is killed during the save of step 3, and what of step 3 is then on disk.
+CHECKPOINT_FILES = {"model.safetensors", "optimizer.pt", "rng-rank0.pt", "vocab.json", "config.yaml", "state.json"}
+WRITE_WEIGHTS = """
+import imcap.checkpoint
+write = imcap.checkpoint.save_file
+
+def save_file(tensors, path):
+    write(tensors, path)
+    if os.path.basename(os.path.dirname(path)) == ".tmp-step-000003":
+        stop()
+
+imcap.checkpoint.save_file = save_file
+"""
+REPLACE = """
+import imcap.checkpoint
+replace = os.replace
+
+def stopping_replace(src, dst):
+    if {condition}:
+        stop()
+    replace(src, dst)
+
+imcap.checkpoint.os.replace = stopping_replace
+"""
+SAVE_FAULTS = {
+    # the weights written into the temporary directory, the rest of the checkpoint not yet
+    "weights-written": (WRITE_WEIGHTS, ".tmp-step-000003", {"rng-rank0.pt", "model.safetensors"}),
+    # the temporary directory complete, state.json last, not yet renamed to step-000003
+    "before-the-rename": (REPLACE.format(condition='os.path.basename(src) == ".tmp-step-000003"'),
+                          ".tmp-step-000003", CHECKPOINT_FILES),
+    # step-000003 in place, `latest` not yet replaced by the file that names it
+    "before-latest-names-it": (
+        REPLACE.format(condition='os.path.basename(dst) == "latest" and open(src).read() == "step-000003"'),
+        "step-000003", CHECKPOINT_FILES),
+}
+
+
+@pytest.mark.parametrize("point", list(SAVE_FAULTS))
+def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint_as_latest(demo_shards, tmp_path, capsys, point):
+    fault, newer, newer_files = SAVE_FAULTS[point]
+    overrides = tiny_overrides(demo_shards, tmp_path, "checkpoint.every_steps=1")
     checkpoints = tmp_path / "tiny" / "checkpoints"
-    for attempt in range(5):  # the kill must land inside a save; saves are most of each step here
-        proc = subprocess.Popen([*TRAIN, *overrides], cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for(lambda: latest_checkpoint(tmp_path / "tiny") is not None and any(checkpoints.glob(".tmp-*/model.safetensors")),
-                 [proc], poll=0.002)
-        kill_9([proc])
-        partial = sorted(checkpoints.glob(".tmp-*"))
-        if partial:
-            break
-    assert partial, "no kill landed inside a save"
+    proc = subprocess.Popen([*stopping_at(fault), *overrides], cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: stopped(proc), [proc])
+    kill_9([proc])
+    assert {p.name for p in (checkpoints / newer).iterdir()} == newer_files  # killed inside the save of step 3
     latest = latest_checkpoint(tmp_path / "tiny")
-    assert (checkpoints / "latest").read_text() == latest.name
-    assert (latest / "state.json").exists() and latest.name < partial[0].name.removeprefix(".tmp-")
+    assert latest == checkpoints / "step-000002" and (checkpoints / "latest").read_text() == latest.name
+    assert {p.name for p in latest.iterdir()} == CHECKPOINT_FILES
     assert resolve_resume("auto", tmp_path / "tiny") == latest
     train(load_config(ROOT / "configs" / "demo.yaml", overrides))  # resumes from latest and finishes
+    assert f"resumed from {latest} at step 2 " in capsys.readouterr().out
     assert not list(checkpoints.glob(".tmp-*"))
-    assert json.loads((latest_checkpoint(tmp_path / "tiny") / "state.json").read_text())["step"] == 36
+    assert json.loads((latest_checkpoint(tmp_path / "tiny") / "state.json").read_text())["step"] == 12
 
 
 def test_sigusr1_to_one_rank_makes_both_save_the_same_step_and_exit_75_then_auto_resume_finishes(demo_shards, tmp_path):

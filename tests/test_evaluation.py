@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_env, tiny_overrides
+from helpers import ROOT, free_port, run_env, tiny_overrides
 from imcap.cli import main as imcap
 from imcap.config import load_config
 from imcap.data.demo import build_demo
@@ -35,7 +35,7 @@ def test_two_process_evaluation_of_an_odd_split_equals_one_process(trained, tmp_
     model, odd = trained
     common = ["--split", "val", "--shards", str(odd), "--beam-size", "2", "--batch-size", "4", "--cpu"]
     run(sys.executable, "launch/evaluate.py", str(model), "--out", str(tmp_path / "one"), *common)
-    run("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29513",
+    run("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
         "launch/evaluate.py", str(model), "--out", str(tmp_path / "two"), *common)
     one, two = (json.loads((tmp_path / d / "captions.json").read_text()) for d in ("one", "two"))
     assert len(one) == 31 and sorted(c["image_id"] for c in two) == [f"val_{i:06d}" for i in range(31)]

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from helpers import ROOT
 from imcap.config import load_config
 from imcap.data.batch import CachedFeatures, Images
 from imcap.model import Captioner, caption_loss

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT, tiny_overrides
+from helpers import ROOT, tiny_overrides
 from imcap.cli import main as imcap
 from imcap.config import ConfigError, load_config
 from imcap.data.shards import DataError, list_shards

@@ -9,7 +9,7 @@ from pathlib import Path
 import evaluate
 import pytest
 
-from conftest import ROOT, run_env
+from helpers import ROOT, run_env
 from imcap.metrics import METRIC_MODULE, caption_scores, java_available
 
 NAMES = {"Bleu_1": "bleu1", "Bleu_2": "bleu2", "Bleu_3": "bleu3", "Bleu_4": "bleu4", "METEOR": "meteor",

@@ -1,5 +1,4 @@
 """The WebDataset pipeline on real tars: decoding, skipping bad samples, equal epochs, exact coverage."""
-import io
 import json
 import re
 import shutil
@@ -17,18 +16,15 @@ from imcap.config import load_config
 from imcap.data.batch import Collate, Images, Jpegs
 from imcap.data.prefetch import to_device
 from imcap.data.samples import SampleError, decode_image, decode_sample, jpeg_for_device
-from imcap.data.shards import DataError, ShardWriter, count_samples, iter_tar_members, list_shards
+from imcap.data.shards import DataError, ShardWriter, count_samples, list_shards
 from imcap.data.training_data import split_captions
 from imcap.model import Captioner, caption_loss
 from imcap.text import Vocabulary
 
-from conftest import ROOT, make_eval_loader, make_train_loader, run_env, tiny_overrides
+from helpers import (ROOT, TRAIN_LOADER, demo_as_jpegs, demo_collate, image_bytes, make_eval_loader, make_train_loader,
+                     run_env, tiny_overrides)
 
 
-def image_bytes(image: Image.Image, fmt: str) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format=fmt)
-    return out.getvalue()
 
 
 def sample(key: str, data: bytes, ext: str, captions=("a thing",)) -> dict:
@@ -39,11 +35,8 @@ def stream_ids(shards, collate, **kw) -> list[list[str]]:
     return [batch.image_ids for batch in make_train_loader(shards, collate, **kw)]
 
 
-def demo_collate(shards_dir: Path, k: int = 1) -> Collate:
-    return Collate(Vocabulary.load(shards_dir / "vocab.json"), 30, k)
 
 
-TRAIN = dict(epoch=0, seed=0, batch_size=4, image_size=64, train_crop="random", shuffle_buffer=16)
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "RGB"])
@@ -126,7 +119,7 @@ def smooth_picture(width: int, height: int, seed: int) -> Image.Image:
 def one_batch(shards_dir: Path, jpeg_on_device: bool, batch_size: int):
     loader = make_train_loader(list_shards(str(shards_dir), "train"), Collate(Vocabulary.build(["a thing"], 1), 5, 1),
                                jpeg_decode="device" if jpeg_on_device else "workers",
-                               **{**TRAIN, "batch_size": batch_size})
+                               **{**TRAIN_LOADER, "batch_size": batch_size})
     return next(iter(loader))
 
 
@@ -179,17 +172,6 @@ def test_a_truncated_jpeg_stays_with_the_worker_which_skips_it():
         decode_sample(sample("truncated", truncated, "jpg"), 64, None, jpeg_on_device=True)
 
 
-def demo_as_jpegs(demo_shards: Path, split: str) -> list[dict]:
-    """The demo split's samples, their PNGs re-encoded as JPEGs."""
-    samples = []
-    for shard in list_shards(str(demo_shards), split):
-        members = dict(iter_tar_members(shard))
-        for key in sorted(name[: -len(".png")] for name in members if name.endswith(".png")):
-            jpeg = image_bytes(Image.open(io.BytesIO(members[f"{key}.png"])).convert("RGB"), "JPEG")
-            samples.append({"__key__": key, "jpg": jpeg, "json": members[f"{key}.json"]})
-    return samples
-
-
 def test_training_on_jpegs_decoded_on_the_device_counts_the_one_it_cannot_decode(demo_shards, tmp_path):
     """The demo shards as JPEGs, one without its scan; a whole epoch with data.jpeg_decode=device."""
     shards = tmp_path / "jpeg"
@@ -226,7 +208,8 @@ def test_every_rank_and_worker_yields_the_computed_number_of_batches(demo_shards
     assert count_samples(shards) == 96
     seen = {}
     for rank in range(2):
-        batches = stream_ids(shards, collate, rank=rank, world_size=2, num_batches=7, skip=0, num_workers=2, **TRAIN)
+        batches = stream_ids(shards, collate, rank=rank, world_size=2, num_batches=7, skip=0, num_workers=2,
+                             **TRAIN_LOADER)
         assert len(batches) == 7 and all(len(b) == 4 for b in batches)
         seen[rank] = [i for b in batches for i in b]
     assert not set(seen[0]) & set(seen[1])  # ranks read disjoint shards
@@ -235,13 +218,13 @@ def test_every_rank_and_worker_yields_the_computed_number_of_batches(demo_shards
 
 def test_a_worker_with_too_few_samples_reads_its_shards_again(demo_shards):
     shards, collate = list_shards(str(demo_shards), "train")[:2], demo_collate(demo_shards)  # 24 samples
-    batches = stream_ids(shards, collate, rank=0, world_size=1, num_batches=9, skip=0, num_workers=0, **TRAIN)
+    batches = stream_ids(shards, collate, rank=0, world_size=1, num_batches=9, skip=0, num_workers=0, **TRAIN_LOADER)
     assert len(batches) == 9 and max(Counter(i for b in batches for i in b).values()) == 2
 
 
 def test_epoch_order_depends_on_seed_and_epoch_only(demo_shards):
     shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards)
-    kw = {**TRAIN, "rank": 0, "world_size": 1, "num_batches": 6, "skip": 0}
+    kw = {**TRAIN_LOADER, "rank": 0, "world_size": 1, "num_batches": 6, "skip": 0}
     first = stream_ids(shards, collate, num_workers=2, **kw)
     assert first == stream_ids(shards, collate, num_workers=2, **kw)
     assert first != stream_ids(shards, collate, num_workers=2, **{**kw, "epoch": 1})
@@ -250,7 +233,7 @@ def test_epoch_order_depends_on_seed_and_epoch_only(demo_shards):
 @pytest.mark.parametrize("workers, skip", [(0, 5), (2, 3), (2, 4)])
 def test_resuming_inside_an_epoch_yields_exactly_the_batches_not_yet_seen(demo_shards, workers, skip):
     shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards, k=2)
-    kw = {**TRAIN, "rank": 1, "world_size": 2, "num_batches": 9, "num_workers": workers}
+    kw = {**TRAIN_LOADER, "rank": 1, "world_size": 2, "num_batches": 9, "num_workers": workers}
     full = list(make_train_loader(shards, collate, skip=0, **kw))
     resumed = list(make_train_loader(shards, collate, skip=skip, **kw))
     assert [b.image_ids for b in resumed] == [b.image_ids for b in full[skip:]]
@@ -263,7 +246,7 @@ def test_one_loader_through_several_epochs_yields_each_epoch_as_its_own_loader_w
     """The trainer's loader runs through all epochs (its workers start once); resumed mid-epoch, it
     first yields the rest of that epoch. 7 batches an epoch: the workers' turns shift at every epoch."""
     shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards, k=2)
-    kw = {**TRAIN, "rank": 0, "world_size": 1, "num_batches": 7, "num_workers": workers}
+    kw = {**TRAIN_LOADER, "rank": 0, "world_size": 1, "num_batches": 7, "num_workers": workers}
     by_epoch = [list(make_train_loader(shards, collate, skip=2 if epoch == 1 else 0, **{**kw, "epoch": epoch}))
                 for epoch in (1, 2, 3)]
     assert [len(e) for e in by_epoch] == [5, 7, 7] and by_epoch[1][0].image_ids != by_epoch[2][0].image_ids
@@ -280,7 +263,7 @@ def test_one_loader_through_several_epochs_yields_each_epoch_as_its_own_loader_w
 def test_too_few_shards_for_processes_times_workers_is_an_error_saying_how_to_fix_it(demo_shards):
     shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards)
     with pytest.raises(DataError, match="8 training shards cannot feed 2 processes x 5 data workers.*num_workers to 4"):
-        make_train_loader(shards, collate, rank=0, world_size=2, num_batches=1, skip=0, num_workers=5, **TRAIN)
+        make_train_loader(shards, collate, rank=0, world_size=2, num_batches=1, skip=0, num_workers=5, **TRAIN_LOADER)
 
 
 def test_the_trainer_uses_fewer_workers_when_the_shards_are_too_few_and_says_so(demo_shards, caplog):
@@ -336,7 +319,7 @@ def test_shards_without_a_usable_sample_are_an_error_naming_them_not_an_endless_
             writer.write({"__key__": f"bad{i}", "png": png[:20] if broken == "corrupt images" else png,
                           "json": b'{"caption": null}' if broken == "null captions" else b'{"caption": "a thing"}'})
     shards, collate = list_shards(str(tmp_path), "train"), Collate(Vocabulary.build(["a black square"], 1), 5, 1)
-    kw = {**TRAIN, "world_size": 2, "num_batches": 2, "skip": 0, "num_workers": 0, "batch_size": 2}
+    kw = {**TRAIN_LOADER, "world_size": 2, "num_batches": 2, "skip": 0, "num_workers": 0, "batch_size": 2}
     assert len(stream_ids(shards, collate, rank=0, **kw)) == 2  # rank 0 owns the good shard, rank 1 the bad one
     with pytest.raises(DataError, match=re.escape(f"no usable sample in {shards[1]}: 4 skipped")):
         stream_ids(shards, collate, rank=1, **kw)

@@ -9,12 +9,11 @@ from imcap.data.batch import Batch, Images
 from imcap.data.prefetch import DeviceBatches
 from imcap.data.shards import DataError, ShardWriter, list_shards
 
-from conftest import make_train_loader
-from test_pipeline import TRAIN, demo_as_jpegs, demo_collate
+from helpers import TRAIN_LOADER, demo_as_jpegs, demo_collate, make_train_loader
 
 
 def test_device_batches_are_the_loaders_batches_in_order_with_their_inputs(demo_shards):
-    kw = dict(rank=0, world_size=1, num_batches=6, skip=0, num_workers=2, **TRAIN)
+    kw = dict(rank=0, world_size=1, num_batches=6, skip=0, num_workers=2, **TRAIN_LOADER)
     shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards, k=2)
     plain = list(make_train_loader(shards, collate, **kw))
     with DeviceBatches(make_train_loader(shards, collate, **kw), "cpu", ahead=2) as batches:  # a thread, as on a GPU
@@ -60,7 +59,7 @@ def test_on_a_gpu_the_batches_prepared_on_a_side_stream_equal_the_cpu_ones(demo_
             writer.write(sample)
     shards, collate = list_shards(str(tmp_path), "train"), demo_collate(demo_shards, k=2)
     kw = dict(rank=0, world_size=1, num_batches=20, skip=0, num_workers=2,
-              jpeg_decode="device" if jpeg_on_device else "workers", epochs=2, **TRAIN)
+              jpeg_decode="device" if jpeg_on_device else "workers", epochs=2, **TRAIN_LOADER)
     with DeviceBatches(make_train_loader(shards, collate, **kw), "cpu") as batches:
         expected = [(b.image_ids, b.inputs.pixels, b.captions) for b in batches]
     seen = []

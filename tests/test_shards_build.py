@@ -17,7 +17,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from conftest import ROOT, make_eval_loader, run_env
+from helpers import ROOT, make_eval_loader, run_env
 from imcap.cli import main as imcap
 from imcap.data.batch import Collate
 from imcap.cli.shards import parse_shard_size

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_env, tiny_overrides
+from helpers import ROOT, free_port, run_env, tiny_overrides
 
 pytestmark = pytest.mark.slurm
 
@@ -61,9 +61,11 @@ def jobs(slurm_env):
 
 
 def sbatch(env: dict, jobs: list, *args: str) -> str:
-    """sbatch *args in the project's root; the job's id."""
+    """sbatch *args in the project's root; the job's id. The job's rendezvous port (IMCAP_PORT) is one free
+    now, not slurm/common.sh's 20000 + job id: every fresh test cluster numbers its jobs from 1 again."""
     command = ["sbatch", "--parsable", *args]
-    submitted = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    submitted = subprocess.run(command, cwd=ROOT, env={"IMCAP_PORT": str(free_port()), **env}, capture_output=True,
+                               text=True)
     assert submitted.returncode == 0, f"{' '.join(command)} failed: {submitted.stderr}"
     jobs.append(submitted.stdout.strip().split(";")[0])
     return jobs[-1]
@@ -142,7 +144,7 @@ def test_two_node_job_gives_each_node_its_machine_rank_and_trains_one_world_of_t
     exported. The job still runs one launcher per node, with all of that node's CPUs and its settings."""
     log = tmp_path / "job.out"
     job_id = sbatch(slurm_env, jobs, "--nodes=2", "--ntasks=3", "--ntasks-per-node=2",
-                    "--export=IMCAP_CPU,IMCAP_ACCELERATE,OMP_NUM_THREADS,PYTHONUNBUFFERED", f"--output={log}",
+                    "--export=IMCAP_CPU,IMCAP_ACCELERATE,IMCAP_PORT,OMP_NUM_THREADS,PYTHONUNBUFFERED", f"--output={log}",
                     "slurm/multinode.sbatch", *job_overrides(demo_shards, tmp_path))
     info = ended(slurm_env, job_id)
     text = readable(log)

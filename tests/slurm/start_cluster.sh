@@ -48,10 +48,18 @@ fi
 # do not resolve, so NodeAddr gives the address.
 host=$(hostname -s)
 cpus=$(nproc)
+# slurmctld's and the two slurmd's ports: free ones picked now (bound to port 0 and read back, all three
+# held at once so they differ), not fixed ones another cluster or server on this machine may hold.
+ports=$(python3 -c 'import socket
+held = [socket.socket() for _ in range(3)]
+for s in held:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in held))') || fail "python3 is needed to pick free ports"
+read -r ctld_port n1_port n2_port <<<"$ports"
 cat > "$SLURM_CONF" <<CONF
 ClusterName=imcap-test
 SlurmctldHost=$host(127.0.0.1)
-SlurmctldPort=17000
+SlurmctldPort=$ctld_port
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -74,8 +82,8 @@ SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd-%n.log
-NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=17001 CPUs=$cpus RealMemory=1000 State=UNKNOWN
-NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=17002 CPUs=$cpus RealMemory=1000 State=UNKNOWN
+NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$n1_port CPUs=$cpus RealMemory=1000 State=UNKNOWN
+NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$n2_port CPUs=$cpus RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 CONF
 
