@@ -7,6 +7,7 @@ decode figures are also given for COCO-mini (80 images of about 640 x 480, decod
 
     .venv/bin/python bench/build_shards.py --limit 2000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,9 +68,11 @@ def main() -> None:
     parser.add_argument("--resize", type=int, default=256)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, load average "
-          f"{os.getloadavg()[0]:.1f} at the start (other processes share the cores); "
-          f"Python {platform.python_version()}, Pillow {PIL.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, load average "
+        f"{os.getloadavg()[0]:.1f} at the start (other processes share the cores); "
+        f"Python {platform.python_version()}, Pillow {PIL.__version__}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         source, images = flickr_source(args.data, args.limit, work)

@@ -9,6 +9,7 @@ the captions still running. Its parameters have the names and shapes of imcap's 
 `ReferenceCaptioner(...).load_state_dict(captioner.state_dict())` gives the same function to
 compare against.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,7 +1,7 @@
 """Training throughput of imcap's step against the straightforward step (bench/reference.py), side by side.
 
     python bench/throughput.py                      # the small CPU size
-    python bench/throughput.py --size gpu           # 256 caption samples a step, 224 px, vocabulary 10,000, 20 steps, bf16
+    python bench/throughput.py --size gpu           # 256 caption samples a step, 224 px, 10,000 words, 20 steps, bf16
     python bench/throughput.py --pipeline SHARDS    # also: the data pipeline's images/s per core on SHARDS
 
 Both steps train the same weights and are timed in the same run, alternating, so the ratios are
@@ -13,6 +13,7 @@ reading cached encoder features (`imcap features build`) instead of images. With
 come from JPEG shards in memory (/dev/shm) through imcap's own data path, decoded by data workers or
 (--decode device) on the device.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,9 +56,16 @@ def random_batch(images: int, k: int, length: int, vocab: int, size: int, device
 
 def models(args, train_layer4: bool, device):
     torch.manual_seed(0)
-    cfg = load_config(None, ["model.encoder.weights=none", f"model.encoder.train_layer4={str(train_layer4).lower()}",
-                             f"model.decoder.embed_dim={args.dim}", f"model.decoder.hidden_dim={args.dim}",
-                             f"model.decoder.attention_dim={args.dim}"])
+    cfg = load_config(
+        None,
+        [
+            "model.encoder.weights=none",
+            f"model.encoder.train_layer4={str(train_layer4).lower()}",
+            f"model.decoder.embed_dim={args.dim}",
+            f"model.decoder.hidden_dim={args.dim}",
+            f"model.decoder.attention_dim={args.dim}",
+        ],
+    )
     fast = Captioner(cfg.model, args.vocab).to(device).train()
     reference = ReferenceCaptioner(args.vocab, train_layer4, args.dim, args.dim, args.dim, 0.5)
     reference.load_state_dict(fast.state_dict())
@@ -105,13 +113,21 @@ def compare(args, device, train_layer4: bool, reference_batches, imcap_batches) 
         cached = fast.encoder.frozen_features(next(on_device)[0]).to(torch.bfloat16)  # what a feature cache holds
     plain = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-4)
     ours, _ = make_optimizer(fast, load_config(None, ["train.lr=1e-4"]), 1)  # imcap's own parameter groups
-    steps = [Step("reference", reference, lambda images, captions: (images, captions), reference_batches, args,
-                  device, plain),
-             Step("imcap", fast, lambda images, captions: (captions, Images(images)), imcap_batches, args, device,
-                  ours),
-             Step("imcap, cached features", fast, lambda images, captions: (captions, CachedFeatures(cached)),
-                  on_device, args,
-                  device, ours)]
+    steps = [
+        Step(
+            "reference", reference, lambda images, captions: (images, captions), reference_batches, args, device, plain
+        ),
+        Step("imcap", fast, lambda images, captions: (captions, Images(images)), imcap_batches, args, device, ours),
+        Step(
+            "imcap, cached features",
+            fast,
+            lambda images, captions: (captions, CachedFeatures(cached)),
+            on_device,
+            args,
+            device,
+            ours,
+        ),
+    ]
     for step in steps:  # warm up (and compile) outside the timing
         for _ in range(2):
             step.run(timed=False)
@@ -144,10 +160,23 @@ def shard_batches(args, images: int, device, shard_dir: str):
     # every worker needs shards of its own; an epoch of 20 batches or more, as in training
     shards *= max(-(-args.workers // len(shards)), -(-20 * images // count_samples(shards)))
     vocab = Vocabulary.load(Path(shard_dir) / "vocab.json")
-    data = DataConfig(batch_size=images, image_size=args.image_size, train_crop="random", shuffle_buffer=1000,
-                      jpeg_decode="device" if args.decode == "device" else "workers")
-    stream = TrainStream(shards, Collate(vocab, args.length - 1, args.captions), data, 0, Part(), range(10**6), 0,
-                         batches_per_epoch(count_samples(shards), images, 1, 1))
+    data = DataConfig(
+        batch_size=images,
+        image_size=args.image_size,
+        train_crop="random",
+        shuffle_buffer=1000,
+        jpeg_decode="device" if args.decode == "device" else "workers",
+    )
+    stream = TrainStream(
+        shards,
+        Collate(vocab, args.length - 1, args.captions),
+        data,
+        0,
+        Part(),
+        range(10**6),
+        0,
+        batches_per_epoch(count_samples(shards), images, 1, 1),
+    )
     with DeviceBatches(train_loader(stream, args.workers), device, args.ahead) as batches:  # closed with this
         for batch in batches:  # generator: the workers stop
             yield batch.inputs.pixels, batch.captions
@@ -174,20 +203,33 @@ def pipeline_rate(shard_dir: str, image_size: int, seconds: float = 20.0) -> flo
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="cpu")
-    parser.add_argument("--seconds", type=float, default=None, help="timed seconds per step kind (default: 6 CPU, 8 GPU)")
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="timed seconds per step kind (default: 6 CPU, 8 GPU)"
+    )
     parser.add_argument("--modes", default="frozen,layer4")
     parser.add_argument("--compile", action="store_true", help="torch.compile imcap's decoder step")
     parser.add_argument("--e2e", metavar="SHARDS", help="take batches from these JPEG shards (copied to /dev/shm)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
-    parser.add_argument("--decode", choices=["workers", "device"], default="workers",
-                        help="with --e2e: where JPEGs are decoded (imcap's data.jpeg_decode)")
-    parser.add_argument("--ahead", type=int, default=None,
-                        help="with --e2e: batches DeviceBatches prepares ahead in its thread (default: 2 on a GPU, "
-                             "0 on a CPU); 0: in the training thread, between steps")
-    parser.add_argument("--pipeline", metavar="SHARDS", help="also measure the pipeline's images/s per core on these shards")
+    parser.add_argument(
+        "--decode",
+        choices=["workers", "device"],
+        default="workers",
+        help="with --e2e: where JPEGs are decoded (imcap's data.jpeg_decode)",
+    )
+    parser.add_argument(
+        "--ahead",
+        type=int,
+        default=None,
+        help="with --e2e: batches DeviceBatches prepares ahead in its thread (default: 2 on a GPU, "
+        "0 on a CPU); 0: in the training thread, between steps",
+    )
+    parser.add_argument(
+        "--pipeline", metavar="SHARDS", help="also measure the pipeline's images/s per core on these shards"
+    )
     for key, value in SIZES["cpu"].items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value) if not isinstance(value, bool) else int,
-                            default=None)
+        parser.add_argument(
+            f"--{key.replace('_', '-')}", type=type(value) if not isinstance(value, bool) else int, default=None
+        )
     args = parser.parse_args()
     for key, value in SIZES[args.size].items():
         if getattr(args, key) is None:
@@ -195,7 +237,11 @@ def main():
     args.bf16 = bool(args.bf16)
     args.seconds = args.seconds or (8.0 if args.size == "gpu" else 6.0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    card = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
+    card = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
+    )
     if args.e2e:
         from imcap.data.prefetch import DeviceBatches
         from imcap.text import Vocabulary
@@ -203,12 +249,18 @@ def main():
         args.ahead = DeviceBatches.default_ahead(device) if args.ahead is None else args.ahead
         args.vocab = len(Vocabulary.load(Path(args.e2e) / "vocab.json"))  # the shards' captions decide it
     print(f"device: {card}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    print(f"both: {args.batch // args.captions} images x {args.captions} captions per step (the reference: a row "
-          "per caption, an encoder pass per row); "
-          f"{args.image_size} px, vocabulary {args.vocab}, {args.length} decoder steps, dims {args.dim}, "
-          f"{'bf16' if args.bf16 else 'fp32'}{', compiled decoder step' if args.compile else ''}"
-          f"{f', batches from JPEG shards in memory, decoded by the {args.decode}, {args.ahead} ahead' if args.e2e else ', batches already on the device'}"
-          " (cached features: always on the device)")
+    print(
+        f"both: {args.batch // args.captions} images x {args.captions} captions per step (the reference: a row "
+        "per caption, an encoder pass per row); "
+        f"{args.image_size} px, vocabulary {args.vocab}, {args.length} decoder steps, dims {args.dim}, "
+        f"{'bf16' if args.bf16 else 'fp32'}{', compiled decoder step' if args.compile else ''}"
+        + (
+            f", batches from JPEG shards in memory, decoded by the {args.decode}, {args.ahead} ahead"
+            if args.e2e
+            else ", batches already on the device"
+        )
+        + " (cached features: always on the device)"
+    )
     shard_dir = None
     if args.e2e:
         import shutil
@@ -218,18 +270,29 @@ def main():
             if f.is_file():
                 shutil.copyfile(f, Path(shard_dir) / f.name)
     for mode in args.modes.split(","):
+
         def batches(images):
             return shard_batches(args, images, device, shard_dir) if shard_dir else device_batches(args, images, device)
-        reference, *ours = compare(args, device, mode == "layer4", batches(args.batch // args.captions),
-                                   batches(args.batch // args.captions))
-        print(f"{mode:7s} reference {reference.rate:10.1f} caption-samples/s | " +
-              " | ".join(f"{s.name} {s.rate:10.1f} ({s.rate / reference.rate:.2f}x)" for s in ours), flush=True)
+
+        reference, *ours = compare(
+            args, device, mode == "layer4", batches(args.batch // args.captions), batches(args.batch // args.captions)
+        )
+        print(
+            f"{mode:7s} reference {reference.rate:10.1f} caption-samples/s | "
+            + " | ".join(f"{s.name} {s.rate:10.1f} ({s.rate / reference.rate:.2f}x)" for s in ours),
+            flush=True,
+        )
         if shard_dir:  # where the time of an end-to-end step goes
-            print(f"{'':7s} waiting for the next batch: reference {reference.waited / reference.seconds:.0%} of its "
-                  f"time, imcap {ours[0].waited / ours[0].seconds:.0%}", flush=True)
+            print(
+                f"{'':7s} waiting for the next batch: reference {reference.waited / reference.seconds:.0%} of its "
+                f"time, imcap {ours[0].waited / ours[0].seconds:.0%}",
+                flush=True,
+            )
     if args.pipeline:
-        print(f"pipeline: {pipeline_rate(args.pipeline, 224):.0f} images/s per core (decode + resize + crop to 224 px, "
-              f"{args.pipeline})")
+        print(
+            f"pipeline: {pipeline_rate(args.pipeline, 224):.0f} images/s per core (decode + resize + crop to 224 px, "
+            f"{args.pipeline})"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Captioning image files with a trained model, and pictures of where it looked for each word."""
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,14 @@ def image_files(paths: list[str]) -> list[Path]:
 
 
 @torch.no_grad()
-def caption_files(model_path: str, paths: list[str], beam_size: int = 3, attention_maps: str | None = None,
-                  json_lines: str | None = None, batch_size: int = 16) -> list[tuple[Path, str]]:
+def caption_files(
+    model_path: str,
+    paths: list[str],
+    beam_size: int = 3,
+    attention_maps: str | None = None,
+    json_lines: str | None = None,
+    batch_size: int = 16,
+) -> list[tuple[Path, str]]:
     """-> (file, caption) for every image; with attention_maps, one PNG per image in that directory; with
     json_lines, one JSON object per image in that file: file, caption, words, attention, grid."""
     model, vocab, cfg = load_for_inference(model_path)
@@ -48,19 +55,33 @@ def caption_files(model_path: str, paths: list[str], beam_size: int = 3, attenti
     with contextlib.ExitStack() as stack:
         json_out = stack.enter_context(open(json_lines, "w")) if json_lines else None
         for start in range(0, len(files), batch_size):
-            readable = [(f, picture) for f in files[start : start + batch_size]
-                        if (picture := _picture(f, size)) is not None]
+            readable = [
+                (f, picture) for f in files[start : start + batch_size] if (picture := _picture(f, size)) is not None
+            ]
             if not readable:
                 continue
             chunk, pictures = zip(*readable)
-            decoded = decode(model, Images(torch.stack(pictures)), vocab.start, vocab.end, cfg.eval.max_length,
-                             beam_size, cfg.eval.length_penalty, cfg.eval.no_repeat_ngram)
+            decoded = decode(
+                model,
+                Images(torch.stack(pictures)),
+                vocab.start,
+                vocab.end,
+                cfg.eval.max_length,
+                beam_size,
+                cfg.eval.length_penalty,
+                cfg.eval.no_repeat_ngram,
+            )
             for f, picture, tokens, alphas in zip(chunk, pictures, decoded.tokens, decoded.alphas):
                 caption, words = vocab.decode(tokens), [vocab.words[t] for t in tokens]
                 results.append((f, caption))
                 if json_out:
-                    record = {"file": str(f), "caption": caption, "words": words, "attention": alphas.float().tolist(),
-                              "grid": list(grid_shape(alphas.shape[1]))}
+                    record = {
+                        "file": str(f),
+                        "caption": caption,
+                        "words": words,
+                        "attention": alphas.float().tolist(),
+                        "grid": list(grid_shape(alphas.shape[1])),
+                    }
                     json_out.write(json.dumps(record) + "\n")
                 if attention_maps:
                     out = Path(attention_maps)
@@ -103,15 +124,18 @@ class AttentionSamples:
         was_training = model.training
         model.eval()
         with accelerator.autocast():
-            decoded = decode(model, Images(torch.stack(self.pictures).to(accelerator.device)), vocab.start, vocab.end,
-                             max_length)
+            decoded = decode(
+                model, Images(torch.stack(self.pictures).to(accelerator.device)), vocab.start, vocab.end, max_length
+            )
         model.train(was_training)
         tracker = accelerator.get_tracker("tensorboard")
-        for image_id, picture, tokens, alphas, references in zip(self.ids, self.pictures, decoded.tokens,
-                                                                 decoded.alphas, self.references):
+        for image_id, picture, tokens, alphas, references in zip(
+            self.ids, self.pictures, decoded.tokens, decoded.alphas, self.references
+        ):
             listed = "\n".join(f"- {r}" for r in references)
-            accelerator.log({f"captions/{image_id}": f"**{vocab.decode(tokens)}**\n\nreferences:\n\n{listed}"},
-                            step=step)
+            accelerator.log(
+                {f"captions/{image_id}": f"**{vocab.decode(tokens)}**\n\nreferences:\n\n{listed}"}, step=step
+            )
             figure = attention_figure(picture, [vocab.words[t] for t in tokens], alphas)
             tracker.log_images({f"attention/{image_id}": np.asarray(figure)[None]}, step=step, dataformats="NHWC")
 
@@ -126,8 +150,9 @@ def _picture(path: Path, size: int) -> torch.Tensor | None:
         return None
 
 
-def attention_figure(picture: torch.Tensor, words: list[str], alphas: torch.Tensor, panel: int = 128,
-                     columns: int = 6) -> Image.Image:
+def attention_figure(
+    picture: torch.Tensor, words: list[str], alphas: torch.Tensor, panel: int = 128, columns: int = 6
+) -> Image.Image:
     """The image, then one panel per word: its attention over the regions laid over the image as a
     heatmap, the region grid drawn, the word above. Panels wrap into rows of `columns`, so a long caption
     reads as a page, not a strip. picture (3, S, S) uint8, alphas (words, R)."""

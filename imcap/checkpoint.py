@@ -1,4 +1,4 @@
-"""Checkpoints: atomic saves, `latest` and `best`, resume resolution, safe loading.
+"""Checkpoints: atomic saves when due, `latest` and `best`, and finding the complete ones (resume.py reads them).
 
     runs/<name>/checkpoints/
         step-000120/   model.safetensors  optimizer.pt  rng-rank0.pt ...  vocab.json  config.yaml  state.json
@@ -8,14 +8,11 @@
 A checkpoint is written into `.tmp-step-N/` by all ranks and renamed to `step-N/` by the main process
 once every rank has finished; `state.json` is written last. `latest` is replaced atomically after the
 rename, so it never names a partial checkpoint, and a crash during a save leaves the previous one intact.
-Everything is loaded without unpickling objects: weights from safetensors, the rest with
-`torch.load(weights_only=True)` or JSON/YAML.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import shutil
@@ -25,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from imcap.config import CheckpointConfig, Config, save_config
 from imcap.data.shards import atomic_write
@@ -35,7 +32,6 @@ if TYPE_CHECKING:
     from imcap.evaluation import Evaluation
 
 LATEST, BEST, STATE = "latest", "best", "state.json"
-log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -78,46 +74,9 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
-    *internal, version = state["python"]
-    random.setstate((version, tuple(internal), state["python_gauss"]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def contiguous_state(model) -> dict:
     """The state dict as safetensors takes it (channels_last weights are not contiguous)."""
     return {k: v.contiguous() for k, v in model.state_dict().items()}
-
-
-def safe_torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} was not loaded: it holds something other than tensors and plain "
-                              f"values, which imcap never unpickles ({type(e).__name__}: {e})") from None
-
-
-def find_resume(cfg: Config, accelerator) -> Path | None:
-    """The checkpoint this run resumes from (cfg.resume), on every rank as the main process resolved it,
-    once the partial checkpoints of a run killed during a save are removed."""
-    from imcap.distributed import broadcast_object
-
-    recover_interrupted_save(cfg.run_dir, accelerator)
-    return broadcast_object(accelerator, resolve_resume(cfg.resume, cfg.run_dir))
-
-
-def recover_interrupted_save(run_dir: str | Path, accelerator) -> None:
-    """Remove the partial checkpoints a run killed during a save left."""
-    checkpoints = Path(run_dir) / "checkpoints"
-    if accelerator.is_main_process:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        for stale in checkpoints.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 class Checkpointer:
@@ -127,7 +86,13 @@ class Checkpointer:
     def __init__(self, cfg: Config, accelerator, model, optimizer, scheduler, vocab: Vocabulary):
         self.cfg, self.settings = cfg, cfg.checkpoint
         self.dir = cfg.run_dir / "checkpoints"
-        self.acc, self.model, self.optimizer, self.scheduler, self.vocab = accelerator, model, optimizer, scheduler, vocab
+        self.acc, self.model, self.optimizer, self.scheduler, self.vocab = (
+            accelerator,
+            model,
+            optimizer,
+            scheduler,
+            vocab,
+        )
 
     def maybe_save(self, state: TrainState, evaluation: Evaluation | None, stopping: bool = False) -> Path | None:
         """Save if due. `best` is judged only by an evaluation of the weights being saved."""
@@ -148,8 +113,10 @@ class Checkpointer:
         torch.save(_rng_state(), tmp / f"rng-rank{acc.process_index}.pt")
         if acc.is_main_process:
             save_file(contiguous_state(acc.unwrap_model(self.model)), tmp / "model.safetensors")
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       tmp / "optimizer.pt")
+            torch.save(
+                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                tmp / "optimizer.pt",
+            )
             self.vocab.save(tmp / "vocab.json")
             save_config(self.cfg, tmp / "config.yaml")
             atomic_write(tmp / STATE, json.dumps({**asdict(state), "world_size": acc.num_processes}))
@@ -165,8 +132,11 @@ class Checkpointer:
 
     def _update_best(self, name: str, metric: str, value: float, higher_is_better: bool) -> None:
         best = read_best(self.dir)
-        better = (best is None or best["metric"] != metric
-                  or (value > best["value"] if higher_is_better else value < best["value"]))
+        better = (
+            best is None
+            or best["metric"] != metric
+            or (value > best["value"] if higher_is_better else value < best["value"])
+        )
         if better:
             atomic_write(self.dir / BEST, json.dumps({"name": name, "metric": metric, "value": value}))
 
@@ -207,93 +177,3 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             return named
     complete = complete_checkpoints(checkpoints)
     return complete[-1] if complete else None
-
-
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """auto: the run's latest checkpoint if any, else a fresh start; latest: it must exist; none; a path.
-
-    Starting afresh (none) or from elsewhere (a path) is refused where run_dir holds checkpoints of
-    later steps: the run's own checkpoints would mix with them, and pruning would delete its own."""
-    if resume in ("auto", "latest"):
-        found = latest_checkpoint(run_dir)
-        if found is None and resume == "latest":
-            raise CheckpointError(f"resume=latest, but {run_dir / 'checkpoints'} holds no complete checkpoint")
-        return found
-    found = None if resume == "none" else _checkpoint_at(resume)
-    step = json.loads((found / STATE).read_text())["step"] if found else 0
-    later = [p for p in complete_checkpoints(Path(run_dir) / "checkpoints") if p != found and int(p.name[5:]) > step]
-    if later:
-        raise CheckpointError(
-            f"resume={resume}: {Path(run_dir) / 'checkpoints'} already holds checkpoints of later steps "
-            f"({', '.join(p.name for p in later[-3:])}), which this run's would mix with: set another run_name "
-            "(or resume=auto to continue that run)")
-    return found
-
-
-def _checkpoint_at(resume: str) -> Path:
-    path = Path(resume)
-    if (path / "checkpoints").is_dir():  # a run directory
-        found = latest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"resume={resume}: {path / 'checkpoints'} holds no complete checkpoint")
-        return found
-    if not (path / STATE).exists():
-        raise CheckpointError(f"resume={resume}: not a complete checkpoint directory (no {STATE}); "
-                              "expected auto, latest, none, a run directory or a checkpoints/step-N directory")
-    return path
-
-
-def check_compatible(checkpoint: Path, model, vocab: Vocabulary) -> None:
-    """Refuse to resume into a model of another shape or with another vocabulary, saying what differs."""
-    saved_vocab = Vocabulary.load(checkpoint / "vocab.json")
-    if saved_vocab != vocab:
-        added = sorted(set(vocab.words) - set(saved_vocab.words))[:5]
-        removed = sorted(set(saved_vocab.words) - set(vocab.words))[:5]
-        raise CheckpointError(
-            f"{checkpoint}: its vocabulary ({len(saved_vocab)} words) differs from this run's ({len(vocab)}): "
-            f"new words {added}, missing words {removed}. Resume with the same shards and text.min_word_count, "
-            f"or start a new run (another run_name).")
-    saved = load_file(checkpoint / "model.safetensors")
-    current = model.state_dict()
-    different = [f"{k}: checkpoint {tuple(saved[k].shape)}, config {tuple(v.shape)}"
-                 for k, v in current.items() if k in saved and saved[k].shape != v.shape]
-    missing = sorted(set(current) ^ set(saved))
-    if different or missing:
-        raise CheckpointError(f"{checkpoint}: the model in it does not match the configured model: "
-                              f"{'; '.join(different[:4]) or ''} {('keys differ: ' + str(missing[:4])) if missing else ''}. "
-                              f"The saved config is {checkpoint / 'config.yaml'}.")
-
-
-def load_checkpoint(checkpoint: Path, model, optimizer, scheduler, accelerator,
-                    data_workers: int | None = None) -> TrainState:
-    """Restore model, optimizer, scheduler, this rank's RNG state and the data position, for a run
-    with `data_workers` data workers per process.
-
-    Every file is read (safely) before anything is restored, so a bad checkpoint changes nothing."""
-    saved = safe_torch_load(checkpoint / "optimizer.pt")
-    weights = load_file(checkpoint / "model.safetensors")
-    meta = json.loads((checkpoint / STATE).read_text())
-    rng_file = checkpoint / f"rng-rank{accelerator.process_index}.pt"
-    same_world = meta["world_size"] == accelerator.num_processes and rng_file.exists()
-    rng = safe_torch_load(rng_file) if same_world else None
-    model.load_state_dict(weights)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    if rng is not None:  # with another world size the data order changes anyway; keep the fresh seeds
-        _set_rng_state(rng)
-    if meta["batches_in_epoch"] and _order_differs(meta, accelerator.num_processes, data_workers):
-        log.warning("%s was saved %d batches into epoch %d by %d process(es) with %s data workers each; this run "
-                    "has %d with %s: the rest of that epoch comes in another order, so some of its samples are "
-                    "trained on twice and others not at all. Resume with the same numbers to continue exactly.",
-                    checkpoint, meta["batches_in_epoch"], meta["epoch"], meta["world_size"], meta.get("data_workers"),
-                    accelerator.num_processes, data_workers)
-    return TrainState(meta["step"], meta["epoch"], meta["batches_in_epoch"], data_workers)
-
-
-def _order_differs(meta: dict, world_size: int, data_workers: int | None) -> bool:
-    """Whether this run reads an epoch in another order than the run that saved `meta`: another world
-    size, or another number of data streams per process (its workers; without workers, the process)."""
-    if meta["world_size"] != world_size:
-        return True
-    saved = meta.get("data_workers")  # absent from checkpoints of earlier versions: unknown
-    return saved is not None and max(1, saved) != max(1, data_workers or 0)

@@ -5,6 +5,7 @@
 Every key is a dataclass field with a type and a default. An unknown key, a value of the wrong
 type or a value outside its allowed set is a `ConfigError` naming the key and what is allowed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -170,8 +171,10 @@ def validate(cfg: Config) -> None:
         (cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0"),
         (cfg.train.cpu_threads >= 0, "train.cpu_threads must be >= 0"),
         (cfg.data.image_size >= 32, "data.image_size must be >= 32 (ResNet-50 downsamples by 32)"),
-        (not (cfg.data.feature_cache and cfg.data.train_crop == "random"),
-         "data.feature_cache needs data.train_crop=center: a random crop changes the features every epoch"),
+        (
+            not (cfg.data.feature_cache and cfg.data.train_crop == "random"),
+            "data.feature_cache needs data.train_crop=center: a random crop changes the features every epoch",
+        ),
         (cfg.text.min_word_count >= 1, "text.min_word_count must be >= 1"),
         (cfg.text.max_length >= 1, "text.max_length must be >= 1"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
@@ -194,13 +197,19 @@ def validate(cfg: Config) -> None:
         (cfg.eval.no_repeat_ngram >= 0, "eval.no_repeat_ngram must be >= 0"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
-        (cfg.checkpoint.best_metric in (*METRICS, "val_loss"),
-         f"checkpoint.best_metric must be one of {', '.join((*METRICS, 'val_loss'))}"),
-        (cfg.checkpoint.best_metric != "meteor" or cfg.eval.meteor == "every",
-         "checkpoint.best_metric=meteor needs eval.meteor=every: other evaluations do not compute it"),
-        (isinstance(preemption_signal, signal.Signals) and preemption_signal not in (signal.SIGKILL, signal.SIGSTOP),
-         f"train.preemption_signal must name a signal that can be caught, e.g. SIGUSR1; "
-         f"got {cfg.train.preemption_signal!r}"),
+        (
+            cfg.checkpoint.best_metric in (*METRICS, "val_loss"),
+            f"checkpoint.best_metric must be one of {', '.join((*METRICS, 'val_loss'))}",
+        ),
+        (
+            cfg.checkpoint.best_metric != "meteor" or cfg.eval.meteor == "every",
+            "checkpoint.best_metric=meteor needs eval.meteor=every: other evaluations do not compute it",
+        ),
+        (
+            isinstance(preemption_signal, signal.Signals) and preemption_signal not in (signal.SIGKILL, signal.SIGSTOP),
+            f"train.preemption_signal must name a signal that can be caught, e.g. SIGUSR1; "
+            f"got {cfg.train.preemption_signal!r}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -238,8 +247,10 @@ def _build(cls, tree: Any, prefix: str):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(tree) - set(names))
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; allowed keys in "
-                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}; allowed keys in "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}"
+        )
     values = {name: _coerce(hints[name], tree[name], prefix + name) for name in names if name in tree}
     return cls(**values)
 

@@ -6,6 +6,7 @@
 A key's doc is the comment on its field's line in imcap/config.py, after the comment lines directly
 above the field, if any. Writing the doc there keeps one source for the code and the reference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,7 @@ def field_docs(cls) -> dict[str, str]:
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:
             comments[token.start[0]] = token.string.lstrip("#").strip()
-        elif token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
-                                tokenize.ENDMARKER):
+        elif token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
             code_lines.add(token.start[0])
     alone = set(comments) - code_lines  # lines holding only a comment
     docs = {}
@@ -84,8 +84,12 @@ def reference() -> str:
         by_section.setdefault(k.key.rpartition(".")[0], []).append(k)
     lines = []
     for section, keys in by_section.items():
-        lines += [f"#### `{section}`" if section else "#### top level", "",
-                  "| key | type | default | what it does |", "|---|---|---|---|"]
+        lines += [
+            f"#### `{section}`" if section else "#### top level",
+            "",
+            "| key | type | default | what it does |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| `{k.key}` | {_cell(k.type)} | `{k.default}` | {_cell(k.doc)} |" for k in keys]
         lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"

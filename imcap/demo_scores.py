@@ -10,6 +10,7 @@ references, so the scores need nothing but what an evaluation already has:
   kind words, peaks on a region inside that shape's cell.
 - exact: captions equal to one of the image's references.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -91,5 +92,8 @@ def demo_scores(captions: list[list[str]], alphas: list[torch.Tensor], reference
             right += 1
             looked = alpha[phrase.start + 1 : phrase.start + 4].float().sum(dim=0)  # its size, colour, kind words
             grounded += cell_of_region[looked.argmax()].item() in cells
-    return {"phrase_accuracy": right / max(phrases, 1), "grounding": grounded / max(right, 1),
-            "exact": exact / len(captions)}
+    return {
+        "phrase_accuracy": right / max(phrases, 1),
+        "grounding": grounded / max(right, 1),
+        "exact": exact / len(captions),
+    }

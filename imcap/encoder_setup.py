@@ -31,7 +31,9 @@ def prepare_encoder(model: Captioner, data: TrainingData, cfg: Config, acc: Acce
 
 def first_train_batches(data: TrainingData, images: int, batch_size: int):
     """The first `images` train images (or their cached features), centre-cropped: the same on every rank."""
-    return eval_loader(EvalStream(data.train_shards, data.collate, Part(), batch_size, data.cfg.data.image_size, images))
+    return eval_loader(
+        EvalStream(data.train_shards, data.collate, Part(), batch_size, data.cfg.data.image_size, images)
+    )
 
 
 def estimate_batchnorm(model: Captioner, data: TrainingData, cfg: Config, acc: Accelerator) -> None:
@@ -39,13 +41,17 @@ def estimate_batchnorm(model: Captioner, data: TrainingData, cfg: Config, acc: A
     n = cfg.model.encoder.batchnorm_stats_images
     if not n:
         if cfg.model.encoder.train_layer4 and cfg.model.encoder.weights == "none":
-            raise ConfigError("model.encoder.train_layer4 with weights none needs model.encoder.batchnorm_stats_images "
-                              "> 0: with the initial BatchNorm statistics layer4 trains on features about 12 times "
-                              "smaller than it is evaluated on, and learns nothing evaluation can use")
+            raise ConfigError(
+                "model.encoder.train_layer4 with weights none needs model.encoder.batchnorm_stats_images "
+                "> 0: with the initial BatchNorm statistics layer4 trains on features about 12 times "
+                "smaller than it is evaluated on, and learns nothing evaluation can use"
+            )
         return
     if feature_cache.read_cache_meta(cfg.data.shards):
-        raise ConfigError(f"model.encoder.batchnorm_stats_images needs images, but data.shards ({cfg.data.shards}) "
-                          "is a feature cache: point it at the image shards, or set it to 0")
+        raise ConfigError(
+            f"model.encoder.batchnorm_stats_images needs images, but data.shards ({cfg.data.shards}) "
+            "is a feature cache: point it at the image shards, or set it to 0"
+        )
     model.to(acc.device)
     # in training batches: the statistics a training layer4 sees, and the same whatever eval.batch_size says
     batches = first_train_batches(data, n, cfg.data.batch_size)
@@ -78,16 +84,25 @@ def use_feature_cache(model: Captioner, data: TrainingData, cfg: Config, acc: Ac
     return data.with_shards(str(cache))
 
 
-def build_feature_cache(model: Captioner, cfg: Config, acc: Accelerator, out: Path, batch_size: int,
-                        dtype: str = "bf16") -> int:
+def build_feature_cache(
+    model: Captioner, cfg: Config, acc: Accelerator, out: Path, batch_size: int, dtype: str = "bf16"
+) -> int:
     """Every rank caches its share of the train and val shards; the main process marks the cache complete.
     -> the number of images cached."""
     encoder, d = model.encoder, cfg.data
     acc.print(f"caching the frozen encoder's features in {out}")
     start = time.time()
     with acc.autocast():  # bf16 on a CPU with bf16 instructions: twice as fast, and the cache holds bf16
-        sizes = feature_cache.build_cache_shards(encoder.to(acc.device), d.shards, [d.train_split, d.val_split], out,
-                                                 d.image_size, batch_size, dtype, part_of(acc))
+        sizes = feature_cache.build_cache_shards(
+            encoder.to(acc.device),
+            d.shards,
+            [d.train_split, d.val_split],
+            out,
+            d.image_size,
+            batch_size,
+            dtype,
+            part_of(acc),
+        )
     all_sizes = {k: v for part in gather_objects(acc, sizes) for k, v in part.items()}
     if acc.is_main_process:
         feature_cache.finish_cache(out, d.shards, all_sizes, encoder, d.image_size, cfg.model.encoder.weights, dtype)

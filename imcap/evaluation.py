@@ -41,8 +41,16 @@ class Evaluator:
 
     attention_samples, when given, are captioned into TensorBoard at every evaluation."""
 
-    def __init__(self, shards: list[str], collate: Collate, accelerator: Accelerator, cfg: EvalConfig,
-                 image_size: int, alpha_c: float, attention_samples: AttentionSamples | None = None):
+    def __init__(
+        self,
+        shards: list[str],
+        collate: Collate,
+        accelerator: Accelerator,
+        cfg: EvalConfig,
+        image_size: int,
+        alpha_c: float,
+        attention_samples: AttentionSamples | None = None,
+    ):
         self.shards, self.collate, self.vocab, self.accelerator = shards, collate, collate.vocab, accelerator
         self.cfg, self.image_size, self.alpha_c, self.attention_samples = cfg, image_size, alpha_c, attention_samples
 
@@ -62,11 +70,15 @@ class Evaluator:
         model = acc.unwrap_model(model)
         was_training = model.training
         model.eval()
-        stream = EvalStream(self.shards, self.collate, part_of(acc), self.cfg.batch_size,
-                            self.image_size, self.cfg.max_images)
+        stream = EvalStream(
+            self.shards, self.collate, part_of(acc), self.cfg.batch_size, self.image_size, self.cfg.max_images
+        )
         loss_sum = torch.zeros(2, dtype=torch.float64, device=acc.device)  # (summed token cross-entropy, tokens)
-        search = {"beam_size": self.cfg.beam_size, "length_penalty": self.cfg.length_penalty,
-                  "no_repeat_ngram": self.cfg.no_repeat_ngram}
+        search = {
+            "beam_size": self.cfg.beam_size,
+            "length_penalty": self.cfg.length_penalty,
+            "no_repeat_ngram": self.cfg.no_repeat_ngram,
+        }
         results, skipped = [], 0
         with DeviceBatches(eval_loader(stream), acc.device) as batches:
             for batch in batches:
@@ -105,8 +117,9 @@ class Evaluator:
         return scores | (demo_scores(words, list(alphas), list(references)) or {})
 
 
-def evaluate_model(path: str, split: str, out_dir: str, shards: str | None = None, cpu: bool = False,
-                   **eval_overrides) -> dict:
+def evaluate_model(
+    path: str, split: str, out_dir: str, shards: str | None = None, cpu: bool = False, **eval_overrides
+) -> dict:
     """`imcap eval`: score a run, checkpoint or export directory on a split of its shards (or others), with
     its eval config changed by eval_overrides (beam_size, max_images, batch_size...).
 
@@ -118,8 +131,14 @@ def evaluate_model(path: str, split: str, out_dir: str, shards: str | None = Non
     model, vocab, cfg = load_for_inference(path)
     model.to(acc.device)
     settings = dataclasses.replace(cfg.eval, **eval_overrides)
-    evaluator = Evaluator(list_shards(shards or cfg.data.shards, split), Collate(vocab, cfg.text.max_length, 1), acc,
-                          settings, cfg.data.image_size, cfg.model.decoder.alpha_c)
+    evaluator = Evaluator(
+        list_shards(shards or cfg.data.shards, split),
+        Collate(vocab, cfg.text.max_length, 1),
+        acc,
+        settings,
+        cfg.data.image_size,
+        cfg.model.decoder.alpha_c,
+    )
     result = evaluator(model)
     samples = result.pop("samples")
     if acc.is_main_process:
@@ -127,7 +146,8 @@ def evaluate_model(path: str, split: str, out_dir: str, shards: str | None = Non
         out.mkdir(parents=True, exist_ok=True)
         captions = [{"image_id": s["image_id"], "caption": s["caption"]} for s in samples]
         (out / "captions.json").write_text(json.dumps(captions, indent=1))
-        (out / "scores.json").write_text(json.dumps({"split": split, "beam_size": settings.beam_size, **result},
-                                                    indent=1))
+        (out / "scores.json").write_text(
+            json.dumps({"split": split, "beam_size": settings.beam_size, **result}, indent=1)
+        )
     acc.end_training()  # the process group ends before the interpreter: no rank aborts at exit
     return result

@@ -25,8 +25,10 @@ def find_model_dir(path: str | Path) -> Path:
         latest = latest_checkpoint(path)
         if latest:
             return latest
-    raise CheckpointError(f"{path}: no model found (expected a run directory with checkpoints, a checkpoint "
-                          "directory or an export directory holding model.safetensors, vocab.json, config.yaml)")
+    raise CheckpointError(
+        f"{path}: no model found (expected a run directory with checkpoints, a checkpoint "
+        "directory or an export directory holding model.safetensors, vocab.json, config.yaml)"
+    )
 
 
 def load_for_inference(path: str | Path):

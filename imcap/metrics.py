@@ -6,12 +6,13 @@ a Python tokeniser that mimics PTB's lower-casing and punctuation removal stands
 ROUGE-L and CIDEr-D numbers can then differ slightly from the papers'). SPICE is not computed: it needs
 Stanford CoreNLP models downloaded at first use.
 """
+
 from __future__ import annotations
 
 import logging
 import shutil
 import subprocess
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from imcap.text import tokenize
@@ -20,12 +21,14 @@ log = logging.getLogger(__name__)
 METRIC_MODULE = str(Path(__file__).parent / "caption_metrics")  # for evaluate.load(METRIC_MODULE)
 
 
-@lru_cache(maxsize=None)
+@cache
 def java_available() -> bool:
     java = shutil.which("java")
     if java is None:
-        log.warning("Java is not installed: METEOR is unavailable and a Python tokeniser replaces "
-                    "the PTB tokeniser (install a JRE, e.g. openjdk-17-jre-headless, for paper-exact numbers)")
+        log.warning(
+            "Java is not installed: METEOR is unavailable and a Python tokeniser replaces "
+            "the PTB tokeniser (install a JRE, e.g. openjdk-17-jre-headless, for paper-exact numbers)"
+        )
         return False
     try:
         subprocess.run([java, "-version"], capture_output=True, check=True, timeout=60)
@@ -58,8 +61,10 @@ def caption_scores(predictions: dict, references: dict, meteor: bool = True) -> 
 
     missing = set(predictions) ^ set(references)
     if missing:
-        raise ValueError(f"predictions and references must cover the same images; {len(missing)} differ, "
-                         f"e.g. {sorted(map(str, missing))[:3]}")
+        raise ValueError(
+            f"predictions and references must cover the same images; {len(missing)} differ, "
+            f"e.g. {sorted(map(str, missing))[:3]}"
+        )
     if not predictions:
         raise ValueError("no predictions to score")
     ids = sorted(predictions, key=str)
@@ -78,4 +83,3 @@ def _meteor(gts, res) -> float:
     from pycocoevalcap.meteor.meteor import Meteor
 
     return float(Meteor().compute_score(gts, res)[0])  # the Java process ends with the object
-

@@ -33,8 +33,9 @@ class MetricsLog:
     def after_step(self, state: TrainState, step_metrics: dict, micro_batches: list[Batch], lr: float) -> None:
         """Count a step; every log_every steps log the averages (an all-reduce: call it on every rank)."""
         self.losses += torch.stack([step_metrics["xent"], step_metrics["grad_norm"]]).to(self.losses)
-        self.counts += torch.tensor([sum(len(b) for b in micro_batches), sum(b.skipped for b in micro_batches)],
-                                    dtype=torch.float64)
+        self.counts += torch.tensor(
+            [sum(len(b) for b in micro_batches), sum(b.skipped for b in micro_batches)], dtype=torch.float64
+        )
         self.steps += 1
         self.progress.update()
         if state.step % self.every == 0:
@@ -49,9 +50,13 @@ class MetricsLog:
     def _log_train(self, state: TrainState, lr: float) -> dict:
         totals = self.acc.reduce(torch.cat([self.losses, self.counts.to(self.acc.device)]), reduction="sum").cpu()
         seconds = time.time() - self.start
-        values = {"train_loss": totals[0].item() / (self.steps * self.acc.num_processes),
-                  "grad_norm": totals[1].item() / (self.steps * self.acc.num_processes),
-                  "lr": lr, "images_per_s": totals[2].item() / seconds, "skipped_samples": int(totals[3])}
+        values = {
+            "train_loss": totals[0].item() / (self.steps * self.acc.num_processes),
+            "grad_norm": totals[1].item() / (self.steps * self.acc.num_processes),
+            "lr": lr,
+            "images_per_s": totals[2].item() / seconds,
+            "skipped_samples": int(totals[3]),
+        }
         self.log(values, state)
         self._reset()
         return {"loss": f"{values['train_loss']:.3f}", "lr": f"{lr:.2e}", "img/s": f"{values['images_per_s']:.0f}"}
@@ -62,8 +67,9 @@ class MetricsLog:
         record = {"step": state.step, "epoch": state.epoch, **values}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.acc.log({k: v for k, v in values.items() if isinstance(v, (int, float)) and v is not None},
-                     step=state.step)
+        self.acc.log(
+            {k: v for k, v in values.items() if isinstance(v, (int, float)) and v is not None}, step=state.step
+        )
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

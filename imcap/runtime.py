@@ -16,8 +16,13 @@ from imcap.config import Config, save_config, to_dict
 def start_process(cfg: Config) -> Accelerator:
     """The Accelerator of this process, with its CPU threads and logging set, and seeded: the same initial
     weights on every process."""
-    acc = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision, log_with="tensorboard",
-                      project_dir=str(cfg.run_dir), step_scheduler_with_optimizer=False)
+    acc = Accelerator(
+        cpu=cfg.train.cpu,
+        mixed_precision=cfg.train.mixed_precision,
+        log_with="tensorboard",
+        project_dir=str(cfg.run_dir),
+        step_scheduler_with_optimizer=False,
+    )
     if acc.device.type == "cpu":
         set_cpu_threads(cfg, acc.num_processes)
     setup_logging(acc.is_main_process)
@@ -38,8 +43,10 @@ def set_cpu_threads(cfg: Config, num_processes: int) -> None:
 
 
 def setup_logging(main_process: bool) -> None:
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if main_process else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
 
 
 def prepare_run_dir(cfg: Config, acc: Accelerator) -> None:

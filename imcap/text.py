@@ -1,11 +1,12 @@
 """Word-level tokenisation and the vocabulary: build (from the train split only), save, load, encode, decode."""
+
 from __future__ import annotations
 
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -67,8 +68,9 @@ class Vocabulary:
             data = json.loads(text)
             return cls(data["words"], data["min_word_count"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{source} is not an imcap vocabulary (expected JSON with 'words' and "
-                             f"'min_word_count'): {e}") from None
+            raise ValueError(
+                f"{source} is not an imcap vocabulary (expected JSON with 'words' and 'min_word_count'): {e}"
+            ) from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())

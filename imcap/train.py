@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from imcap.caption import AttentionSamples
-from imcap.checkpoint import Checkpointer, TrainState, check_compatible, find_resume, load_checkpoint
+from imcap.checkpoint import Checkpointer, TrainState
 from imcap.config import Config
 from imcap.data.batch import Batch
 from imcap.data.prefetch import DeviceBatches
@@ -29,6 +29,7 @@ from imcap.encoder_setup import prepare_encoder
 from imcap.evaluation import Evaluation, Evaluator
 from imcap.metrics_log import MetricsLog
 from imcap.model import Captioner, caption_loss
+from imcap.resume import check_compatible, find_resume, load_checkpoint
 from imcap.runtime import prepare_run_dir, start_process
 
 
@@ -90,8 +91,9 @@ class EpochPlan:
     @classmethod
     def of(cls, data: TrainingData, cfg: Config, world_size: int) -> EpochPlan:
         accum = cfg.train.grad_accum_steps
-        return cls(batches_per_epoch(data.num_train_samples, cfg.data.batch_size, world_size, accum), accum,
-                   cfg.train.epochs)
+        return cls(
+            batches_per_epoch(data.num_train_samples, cfg.data.batch_size, world_size, accum), accum, cfg.train.epochs
+        )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -107,8 +109,10 @@ class EpochPlan:
 
     def describe(self, data: TrainingData, acc: Accelerator) -> str:
         threads = f" of {torch.get_num_threads()} CPU thread(s)" if acc.device.type == "cpu" else ""
-        return (f"{data.num_train_samples} train images, {len(data.vocab)} words, {acc.num_processes} process(es)"
-                f"{threads}, {self.steps_per_epoch} steps per epoch, {self.total_steps} steps")
+        return (
+            f"{data.num_train_samples} train images, {len(data.vocab)} words, {acc.num_processes} process(es)"
+            f"{threads}, {self.steps_per_epoch} steps per epoch, {self.total_steps} steps"
+        )
 
 
 def train_step(model, optimizer, scheduler, micro_batches: list[Batch], cfg: Config, acc: Accelerator) -> dict:
@@ -132,8 +136,9 @@ def train_step(model, optimizer, scheduler, micro_batches: list[Batch], cfg: Con
 def make_optimizer(model: Captioner, cfg: Config, total_steps: int):
     """AdamW over the decoder and (when it trains) layer4, each at its learning rate, and its schedule."""
     lrs = {"decoder": cfg.train.lr, "layer4": cfg.train.layer4_lr}
-    groups = [{"params": params, "lr": lrs[name], "name": name}
-              for name, params in model.trainable_parameters().items()]
+    groups = [
+        {"params": params, "lr": lrs[name], "name": name} for name, params in model.trainable_parameters().items()
+    ]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
     return optimizer, make_scheduler(optimizer, cfg.train.warmup_steps, total_steps)
 
@@ -171,10 +176,12 @@ def prepare_model(model: Captioner, optimizer, cfg: Config, acc: Accelerator):
 
 def make_evaluator(data: TrainingData, cfg: Config, acc: Accelerator) -> Evaluator:
     # read from the image shards: the pictures show even when training reads a feature cache
-    samples = AttentionSamples(list_shards(cfg.data.shards, cfg.data.val_split), cfg.eval.tensorboard_samples,
-                               cfg.data.image_size)
-    return Evaluator(data.val_shards, data.collate, acc, cfg.eval, cfg.data.image_size, cfg.model.decoder.alpha_c,
-                     samples)
+    samples = AttentionSamples(
+        list_shards(cfg.data.shards, cfg.data.val_split), cfg.eval.tensorboard_samples, cfg.data.image_size
+    )
+    return Evaluator(
+        data.val_shards, data.collate, acc, cfg.eval, cfg.data.image_size, cfg.model.decoder.alpha_c, samples
+    )
 
 
 def evaluate(evaluator: Evaluator, model, state: TrainState, metrics: MetricsLog, cfg: Config) -> Evaluation:

@@ -1,6 +1,7 @@
 """Evaluate a model on a split: `accelerate launch launch/evaluate.py RUN_OR_CHECKPOINT --split val`.
 
 Each process decodes its share of the split; the scores and captions are written once."""
+
 from imcap.cli import main
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Launched by test_ddp.py under `accelerate launch --multi_gpu --num_processes 2`: one epoch of real DDP
 training steps with imcap's own pieces, then each rank writes what it saw to OUT/rank<r>.json."""
+
 import hashlib
 import json
 import sys
@@ -31,8 +32,15 @@ if __name__ == "__main__":
         seen += batch.image_ids
         batches += 1
     params = torch.cat([p.detach().flatten() for p in acc.unwrap_model(model).parameters()])
-    (out / f"rank{acc.process_index}.json").write_text(json.dumps({
-        "world_size": acc.num_processes, "backend": str(torch.distributed.get_backend()) if acc.num_processes > 1 else None,
-        "seen": seen, "batches": batches, "steps": scheduler.last_epoch,
-        "params": hashlib.sha256(params.numpy().tobytes()).hexdigest(),
-    }))
+    (out / f"rank{acc.process_index}.json").write_text(
+        json.dumps(
+            {
+                "world_size": acc.num_processes,
+                "backend": str(torch.distributed.get_backend()) if acc.num_processes > 1 else None,
+                "seen": seen,
+                "batches": batches,
+                "steps": scheduler.last_epoch,
+                "params": hashlib.sha256(params.numpy().tobytes()).hexdigest(),
+            }
+        )
+    )

@@ -1,4 +1,5 @@
 """Plain helpers shared by the test modules (fixtures are in conftest.py); no test module imports another."""
+
 from __future__ import annotations
 
 import io
@@ -26,13 +27,30 @@ def tiny_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     """configs/demo.yaml shrunk to seconds: 64 px (a 2 x 2 grid), small decoder, few images, one epoch, fp32
     (bitwise checks, and one process holds one Accelerate precision), no METEOR (its Java process takes 10 s
     of a test's time; test_metrics and test_evaluation check it)."""
-    return [f"data.shards={shards}", "data.demo=false", f"runs_dir={run_dir}", "run_name=tiny", "data.image_size=64",
-            "train.mixed_precision=no",
-            "data.batch_size=8", "data.captions_per_image=2", "data.num_workers=0", "data.feature_cache=false",
-            "data.shuffle_buffer=16",
-            "model.decoder.embed_dim=16", "model.decoder.hidden_dim=32", "model.decoder.attention_dim=16",
-            "train.epochs=1", "train.warmup_steps=2", "train.log_every=2", "eval.batch_size=16",
-            "eval.max_length=12", "eval.print_samples=1", "eval.meteor=never", *extra]
+    return [
+        f"data.shards={shards}",
+        "data.demo=false",
+        f"runs_dir={run_dir}",
+        "run_name=tiny",
+        "data.image_size=64",
+        "train.mixed_precision=no",
+        "data.batch_size=8",
+        "data.captions_per_image=2",
+        "data.num_workers=0",
+        "data.feature_cache=false",
+        "data.shuffle_buffer=16",
+        "model.decoder.embed_dim=16",
+        "model.decoder.hidden_dim=32",
+        "model.decoder.attention_dim=16",
+        "train.epochs=1",
+        "train.warmup_steps=2",
+        "train.log_every=2",
+        "eval.batch_size=16",
+        "eval.max_length=12",
+        "eval.print_samples=1",
+        "eval.meteor=never",
+        *extra,
+    ]
 
 
 def run_env() -> dict:
@@ -74,15 +92,36 @@ def demo_as_jpegs(demo_shards: Path, split: str) -> list[dict]:
     return samples
 
 
-def make_train_loader(shards: list[str], collate, *, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                      epoch: int = 0, epochs: int = 1, seed: int = 0, skip: int = 0, num_batches: int = 1, **data):
+def make_train_loader(
+    shards: list[str],
+    collate,
+    *,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    epochs: int = 1,
+    seed: int = 0,
+    skip: int = 0,
+    num_batches: int = 1,
+    **data,
+):
     """The train loader of a TrainStream; `data` holds DataConfig fields (batch_size, image_size, ...)."""
     epochs = range(epoch, epoch + epochs)
     stream = TrainStream(shards, collate, DataConfig(**data), seed, Part(rank, world_size), epochs, skip, num_batches)
     return train_loader(stream, num_workers)
 
 
-def make_eval_loader(shards: list[str], collate, *, batch_size: int, image_size: int, rank: int = 0,
-                     world_size: int = 1, max_images: int = 0, num_workers: int = 0):
+def make_eval_loader(
+    shards: list[str],
+    collate,
+    *,
+    batch_size: int,
+    image_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_images: int = 0,
+    num_workers: int = 0,
+):
     stream = EvalStream(shards, collate, Part(rank, world_size), batch_size, image_size, max_images)
     return eval_loader(stream, num_workers)

@@ -1,4 +1,5 @@
 """Checkpoints: atomic saves, latest and best, exact resume after kill -9, preemption signals, safety."""
+
 import json
 import os
 import pickle
@@ -11,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from helpers import ROOT, free_port, run_env, tiny_overrides
 from safetensors.torch import load_file
 
-from helpers import ROOT, free_port, run_env, tiny_overrides
-from accelerate import Accelerator
-
-from imcap.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_best, recover_interrupted_save,
-                              resolve_resume, safe_torch_load)
+from imcap.checkpoint import CheckpointError, latest_checkpoint, read_best
 from imcap.config import ConfigError, load_config
 from imcap.distributed import EXIT_PREEMPTED, Preempted
+from imcap.resume import load_checkpoint, recover_interrupted_save, resolve_resume, safe_torch_load
 from imcap.train import train
 
 TRAIN = [sys.executable, "launch/train.py", "--config", "configs/demo.yaml"]
@@ -50,16 +50,27 @@ def stopped(proc: subprocess.Popen) -> bool:
     return stat[stat.rindex(")") + 2] == "T"
 
 
-def start_ranks(overrides: list[str], world: int = 2, log: Path | None = None,
-                command: list[str] = TRAIN) -> list[subprocess.Popen]:
+def start_ranks(
+    overrides: list[str], world: int = 2, log: Path | None = None, command: list[str] = TRAIN
+) -> list[subprocess.Popen]:
     """`world` plain python processes forming one gloo group, as torchrun would start them."""
     port, procs = free_port(), []
     for rank in range(world):
-        env = {**run_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
+        env = {
+            **run_env(),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(world),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+        }
         out = open(f"{log}.rank{rank}", "a") if log else subprocess.DEVNULL
-        procs.append(subprocess.Popen([*command, *overrides], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                      start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [*command, *overrides], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
     return procs
 
 
@@ -92,9 +103,18 @@ def kill_9(procs):
 
 def exact_overrides(shards, runs, *extra):
     """Two epochs of 6 steps on 2 processes, dropout on (RNG matters), data workers (resume must skip right)."""
-    return tiny_overrides(shards, runs, "train.cpu=true", "train.epochs=2", "train.log_every=1",
-                          "checkpoint.every_steps=2", "data.num_workers=2", "model.decoder.dropout=0.3",
-                          "eval.max_images=8", *extra)
+    return tiny_overrides(
+        shards,
+        runs,
+        "train.cpu=true",
+        "train.epochs=2",
+        "train.log_every=1",
+        "checkpoint.every_steps=2",
+        "data.num_workers=2",
+        "model.decoder.dropout=0.3",
+        "eval.max_images=8",
+        *extra,
+    )
 
 
 # Where a run of exact_overrides is killed, and the checkpoint it then resumes from: (step, epoch, batches_in_epoch).
@@ -142,7 +162,8 @@ def uninterrupted(demo_shards, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_kill_9_at_a_named_point_then_resume_gives_bitwise_the_weights_of_an_uninterrupted_run(
-        demo_shards, tmp_path, uninterrupted, point):
+    demo_shards, tmp_path, uninterrupted, point
+):
     fault, resumed_at = KILL_POINTS[point]
     interrupted = exact_overrides(demo_shards, tmp_path, "run_name=interrupted")
     run = tmp_path / "interrupted"
@@ -200,12 +221,17 @@ SAVE_FAULTS = {
     # the weights written into the temporary directory, the rest of the checkpoint not yet
     "weights-written": (WRITE_WEIGHTS, ".tmp-step-000003", {"rng-rank0.pt", "model.safetensors"}),
     # the temporary directory complete, state.json last, not yet renamed to step-000003
-    "before-the-rename": (REPLACE.format(condition='os.path.basename(src) == ".tmp-step-000003"'),
-                          ".tmp-step-000003", CHECKPOINT_FILES),
+    "before-the-rename": (
+        REPLACE.format(condition='os.path.basename(src) == ".tmp-step-000003"'),
+        ".tmp-step-000003",
+        CHECKPOINT_FILES,
+    ),
     # step-000003 in place, `latest` not yet replaced by the file that names it
     "before-latest-names-it": (
         REPLACE.format(condition='os.path.basename(dst) == "latest" and open(src).read() == "step-000003"'),
-        "step-000003", CHECKPOINT_FILES),
+        "step-000003",
+        CHECKPOINT_FILES,
+    ),
 }
 
 
@@ -214,8 +240,14 @@ def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint_as_latest
     fault, newer, newer_files = SAVE_FAULTS[point]
     overrides = tiny_overrides(demo_shards, tmp_path, "checkpoint.every_steps=1")
     checkpoints = tmp_path / "tiny" / "checkpoints"
-    proc = subprocess.Popen([*stopping_at(fault), *overrides], cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [*stopping_at(fault), *overrides],
+        cwd=ROOT,
+        env=run_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     wait_for(lambda: stopped(proc), [proc])
     kill_9([proc])
     assert {p.name for p in (checkpoints / newer).iterdir()} == newer_files  # killed inside the save of step 3
@@ -239,7 +271,10 @@ def test_sigusr1_to_one_rank_makes_both_save_the_same_step_and_exit_75_then_auto
     saved = latest_checkpoint(run)
     step = json.loads((saved / "state.json").read_text())["step"]
     assert 3 <= step < 12 and {p.name for p in saved.glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
-    assert f"stopped by SIGUSR1 at step {step}" in (tmp_path / "log.rank0").read_text() + (tmp_path / "log.rank1").read_text()
+    assert (
+        f"stopped by SIGUSR1 at step {step}"
+        in (tmp_path / "log.rank0").read_text() + (tmp_path / "log.rank1").read_text()
+    )
     assert wait_all(start_ranks(overrides, log=tmp_path / "log")) == [0, 0]
     assert [r["step"] for r in logged(run)] == list(range(1, 13))  # every step once, none twice
 
@@ -260,18 +295,24 @@ def test_a_preemption_at_an_evaluation_step_loses_no_evaluation(demo_shards, tmp
     assert [r["step"] for r in logged(run, "val_loss")] == list(range(1, 13))
 
 
-def test_resuming_with_more_accumulation_ends_each_epoch_where_it_ends_with_a_shorter_step(demo_shards, tmp_path,
-                                                                                         caplog):
+def test_resuming_with_more_accumulation_ends_each_epoch_where_it_ends_with_a_shorter_step(
+    demo_shards, tmp_path, caplog
+):
     """Saved 3 batches into an epoch of 12 with grad_accum_steps=1, resumed with 2: steps of 2, 2, 2, 2
     and 1 finish that epoch; the next epoch is 6 steps of 2, read from the same loader. Resumed with 2
     data workers where there were none, the rest of the epoch comes in another order: a warning says so."""
-    first = tiny_overrides(demo_shards, tmp_path, "train.epochs=2", "checkpoint.every_steps=3", "checkpoint.keep_last=10")
+    first = tiny_overrides(
+        demo_shards, tmp_path, "train.epochs=2", "checkpoint.every_steps=3", "checkpoint.keep_last=10"
+    )
     train(load_config(ROOT / "configs" / "demo.yaml", first))
     saved = tmp_path / "tiny" / "checkpoints" / "step-000003"
     assert json.loads((saved / "state.json").read_text())["batches_in_epoch"] == 3
-    train(load_config(ROOT / "configs" / "demo.yaml",
-                      [*first, "run_name=more-accum", f"resume={saved}", "train.grad_accum_steps=2",
-                       "data.num_workers=2"]))
+    train(
+        load_config(
+            ROOT / "configs" / "demo.yaml",
+            [*first, "run_name=more-accum", f"resume={saved}", "train.grad_accum_steps=2", "data.num_workers=2"],
+        )
+    )
     assert "by 1 process(es) with 0 data workers each; this run has 1 with 2" in caplog.text
     state = json.loads((latest_checkpoint(tmp_path / "more-accum") / "state.json").read_text())
     assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (3 + 5 + 6, 2, 0)
@@ -282,8 +323,12 @@ def test_resuming_with_more_accumulation_ends_each_epoch_where_it_ends_with_a_sh
 @pytest.fixture(scope="module")
 def trained_run(demo_shards, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    train(load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(demo_shards, runs, "eval.every_steps=5",
-                                                                      "checkpoint.best_metric=val_loss")))
+    train(
+        load_config(
+            ROOT / "configs" / "demo.yaml",
+            tiny_overrides(demo_shards, runs, "eval.every_steps=5", "checkpoint.best_metric=val_loss"),
+        )
+    )
     return runs, demo_shards
 
 
@@ -300,14 +345,20 @@ def test_the_end_of_training_is_evaluated_and_best_is_scored_on_its_own_weights(
     runs, _ = trained_run
     evaluated = logged(runs / "tiny", "val_loss")
     assert [r["step"] for r in evaluated] == [5, 10, 12]  # 12 steps; every 5, and the end
-    assert read_best(runs / "tiny" / "checkpoints") == {"name": "step-000012", "metric": "val_loss",
-                                                         "value": evaluated[-1]["val_loss"]}
+    assert read_best(runs / "tiny" / "checkpoints") == {
+        "name": "step-000012",
+        "metric": "val_loss",
+        "value": evaluated[-1]["val_loss"],
+    }
 
 
 def test_resuming_into_another_model_size_is_refused_saying_what_differs(trained_run):
     runs, shards = trained_run
     cfg = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(shards, runs, "model.decoder.hidden_dim=48"))
-    with pytest.raises(CheckpointError, match=r"does not match the configured model: decoder\.\S+: checkpoint \(.*32.*\), config \(.*48"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not match the configured model: decoder\.\S+: checkpoint \(.*32.*\), config \(.*48",
+    ):
         train(cfg)
 
 
@@ -322,7 +373,9 @@ def test_resuming_with_another_vocabulary_is_refused_naming_the_words(trained_ru
     vocab["words"] = [w for w in vocab["words"] if w != "purple"] + ["zebra"]
     (changed / "vocab.json").write_text(json.dumps(vocab))
     cfg = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(changed, runs))
-    with pytest.raises(CheckpointError, match=r"vocabulary .* differs .* new words \['zebra'\], missing words \['purple'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"vocabulary .* differs .* new words \['zebra'\], missing words \['purple'\]"
+    ):
         train(cfg)
 
 
@@ -381,4 +434,3 @@ def test_resume_resolution(tmp_path, trained_run):
     for start in ("none", str(earlier)):
         with pytest.raises(CheckpointError, match=f"already holds checkpoints of later steps .*{latest.name}"):
             resolve_resume(start, runs / "tiny")
-

@@ -37,37 +37,42 @@ def test_every_shipped_config_loads():
         load_config(path)
 
 
-@pytest.mark.parametrize("override, message", [
-    (["train.learning_rate=1e-3"], "unknown config key train.learning_rate; allowed keys in train: epochs, lr"),
-    (["dat.batch_size=3"], "unknown config key dat"),
-    (["data.batch_size=big"], "data.batch_size must be an integer; got 'big'"),
-    (["data.batch_size=2.5"], "data.batch_size must be an integer"),
-    (["model.encoder.train_layer4=yes please"], "model.encoder.train_layer4 must be true or false"),
-    (["train.cpu=yes"], "train.cpu must be true or false; got 'yes'"),
-    (["train.mixed_precision=fp8"], "train.mixed_precision must be one of no, bf16, fp16; got 'fp8'"),
-    (["data.batch_size"], "is not of the form key=value"),
-    (["data=3"], "data must be a mapping"),
-    (["data.feature_cache=true", "data.train_crop=random"], "data.feature_cache needs data.train_crop=center"),
-    (["checkpoint.best_metric=spice"], "checkpoint.best_metric must be one of"),
-    (["checkpoint.best_metric=meteor"], "checkpoint.best_metric=meteor needs eval.meteor=every"),
-    (["train.clip_grad_norm=0"], "train.clip_grad_norm must be > 0"),
-    (["train.clip_grad_norm=-1"], "train.clip_grad_norm must be > 0"),
-    (["train.log_every=0"], "train.log_every must be >= 1"),
-    (["train.preemption_signal=SIGKILL"], "train.preemption_signal must name a signal that can be caught"),
-    (["train.preemption_signal=SIGSTOP"], "train.preemption_signal must name a signal that can be caught"),
-    (["train.preemption_signal=SIG_IGN"],
-     "train.preemption_signal must name a signal that can be caught, e.g. SIGUSR1; got 'SIG_IGN'"),
-    (["eval.max_images=-1"], "eval.max_images must be >= 0"),
-    (["eval.batch_size=0"], "eval.batch_size must be >= 1"),
-    (["eval.every_steps=-1"], "eval.every_steps must be >= 0"),
-    (["data.shuffle_buffer=-1"], "data.shuffle_buffer must be >= 0"),
-    (["train.warmup_steps=-1"], "train.warmup_steps must be >= 0"),
-    (["checkpoint.every_steps=-5"], "checkpoint.every_steps must be >= 0"),
-    (["train.weight_decay=-0.1"], "train.weight_decay must be >= 0"),
-    (["train.layer4_lr=0"], "train.layer4_lr must be > 0"),
-    (["eval.no_repeat_ngram=-1"], "eval.no_repeat_ngram must be >= 0"),
-    (["train.lr=fast"], "train.lr must be a number; got 'fast'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["train.learning_rate=1e-3"], "unknown config key train.learning_rate; allowed keys in train: epochs, lr"),
+        (["dat.batch_size=3"], "unknown config key dat"),
+        (["data.batch_size=big"], "data.batch_size must be an integer; got 'big'"),
+        (["data.batch_size=2.5"], "data.batch_size must be an integer"),
+        (["model.encoder.train_layer4=yes please"], "model.encoder.train_layer4 must be true or false"),
+        (["train.cpu=yes"], "train.cpu must be true or false; got 'yes'"),
+        (["train.mixed_precision=fp8"], "train.mixed_precision must be one of no, bf16, fp16; got 'fp8'"),
+        (["data.batch_size"], "is not of the form key=value"),
+        (["data=3"], "data must be a mapping"),
+        (["data.feature_cache=true", "data.train_crop=random"], "data.feature_cache needs data.train_crop=center"),
+        (["checkpoint.best_metric=spice"], "checkpoint.best_metric must be one of"),
+        (["checkpoint.best_metric=meteor"], "checkpoint.best_metric=meteor needs eval.meteor=every"),
+        (["train.clip_grad_norm=0"], "train.clip_grad_norm must be > 0"),
+        (["train.clip_grad_norm=-1"], "train.clip_grad_norm must be > 0"),
+        (["train.log_every=0"], "train.log_every must be >= 1"),
+        (["train.preemption_signal=SIGKILL"], "train.preemption_signal must name a signal that can be caught"),
+        (["train.preemption_signal=SIGSTOP"], "train.preemption_signal must name a signal that can be caught"),
+        (
+            ["train.preemption_signal=SIG_IGN"],
+            "train.preemption_signal must name a signal that can be caught, e.g. SIGUSR1; got 'SIG_IGN'",
+        ),
+        (["eval.max_images=-1"], "eval.max_images must be >= 0"),
+        (["eval.batch_size=0"], "eval.batch_size must be >= 1"),
+        (["eval.every_steps=-1"], "eval.every_steps must be >= 0"),
+        (["data.shuffle_buffer=-1"], "data.shuffle_buffer must be >= 0"),
+        (["train.warmup_steps=-1"], "train.warmup_steps must be >= 0"),
+        (["checkpoint.every_steps=-5"], "checkpoint.every_steps must be >= 0"),
+        (["train.weight_decay=-0.1"], "train.weight_decay must be >= 0"),
+        (["train.layer4_lr=0"], "train.layer4_lr must be > 0"),
+        (["eval.no_repeat_ngram=-1"], "eval.no_repeat_ngram must be >= 0"),
+        (["train.lr=fast"], "train.lr must be a number; got 'fast'"),
+    ],
+)
 def test_bad_keys_and_values_are_errors_naming_the_key(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, override)
@@ -76,8 +81,10 @@ def test_bad_keys_and_values_are_errors_naming_the_key(override, message):
 
 def test_yaml_anchors_and_merge_keys_work_in_a_config_file(tmp_path):
     path = tmp_path / "x.yaml"
-    path.write_text("model:\n  decoder:\n    embed_dim: &width 16\n    attention_dim: *width\n"
-                    "    <<: {hidden_dim: 32, dropout: 0.1}\n")
+    path.write_text(
+        "model:\n  decoder:\n    embed_dim: &width 16\n    attention_dim: *width\n"
+        "    <<: {hidden_dim: 32, dropout: 0.1}\n"
+    )
     decoder = load_config(path).model.decoder
     assert (decoder.embed_dim, decoder.attention_dim, decoder.hidden_dim, decoder.dropout) == (16, 16, 32, 0.1)
 

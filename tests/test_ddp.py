@@ -1,4 +1,5 @@
 """Real multi-process DDP on the CPU (gloo), launched the way the README says."""
+
 import json
 import subprocess
 
@@ -10,9 +11,18 @@ def launch(*args, timeout=300) -> subprocess.CompletedProcess:
 
 
 def test_two_processes_train_on_disjoint_samples_with_equal_batches_and_stay_identical(demo_shards, tmp_path):
-    result = launch("accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-                    "--main_process_port", str(free_port()), "tests/ddp_probe.py", str(tmp_path),
-                    *tiny_overrides(demo_shards, tmp_path, "train.cpu=true", "model.decoder.dropout=0.3"))
+    result = launch(
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "tests/ddp_probe.py",
+        str(tmp_path),
+        *tiny_overrides(demo_shards, tmp_path, "train.cpu=true", "model.decoder.dropout=0.3"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["backend"] == "gloo"
@@ -23,9 +33,19 @@ def test_two_processes_train_on_disjoint_samples_with_equal_batches_and_stay_ide
 
 
 def test_accelerate_launch_of_the_training_script_runs_two_processes_to_the_end(demo_shards, tmp_path):
-    result = launch("accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-                    "--main_process_port", str(free_port()), "launch/train.py", "--config", "configs/demo.yaml",
-                    *tiny_overrides(demo_shards, tmp_path, "train.cpu=true"))
+    result = launch(
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "launch/train.py",
+        "--config",
+        "configs/demo.yaml",
+        *tiny_overrides(demo_shards, tmp_path, "train.cpu=true"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     run = tmp_path / "tiny"
@@ -36,8 +56,16 @@ def test_accelerate_launch_of_the_training_script_runs_two_processes_to_the_end(
 
 
 def test_torchrun_starts_the_same_script_as_two_processes(demo_shards, tmp_path):
-    result = launch("torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/train.py",
-                    "--config", "configs/demo.yaml",
-                    *tiny_overrides(demo_shards, tmp_path, "train.cpu=true", "eval.max_images=4"))
+    result = launch(
+        "torchrun",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "launch/train.py",
+        "--config",
+        "configs/demo.yaml",
+        *tiny_overrides(demo_shards, tmp_path, "train.cpu=true", "eval.max_images=4"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) of 1 CPU thread(s), 6 steps per epoch" in result.stdout  # 2 cores shared by 2

@@ -1,4 +1,5 @@
 """Greedy and beam search on a small random model (fixed seeds, so every case is the same each run)."""
+
 import pytest
 import torch
 
@@ -13,8 +14,15 @@ START, END, VOCAB = 1, 2, 30
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(3)
-    cfg = load_config(None, ["model.encoder.weights=none", "model.decoder.embed_dim=16",
-                             "model.decoder.hidden_dim=32", "model.decoder.attention_dim=16"])
+    cfg = load_config(
+        None,
+        [
+            "model.encoder.weights=none",
+            "model.decoder.embed_dim=16",
+            "model.decoder.hidden_dim=32",
+            "model.decoder.attention_dim=16",
+        ],
+    )
     return Captioner(cfg.model, VOCAB).eval()
 
 
@@ -72,7 +80,8 @@ def test_a_model_that_never_ends_still_returns_captions_of_max_length(frozen):
         assert [len(t) for t in out.tokens] == [7] * len(frozen)
         assert all(a.shape == (7, 4) for a in out.alphas)
         assert out.logprobs[0].item() == pytest.approx(
-            sequence_logprob(never_ends, frozen[:1], out.tokens[0], ended=False), abs=1e-3)
+            sequence_logprob(never_ends, frozen[:1], out.tokens[0], ended=False), abs=1e-3
+        )
 
 
 def test_length_penalty_favours_longer_captions(model, frozen):
@@ -96,8 +105,10 @@ def test_no_repeat_ngram_blocks_repeated_ngrams(model, frozen):
 
 
 def test_attention_is_returned_for_every_word(model, frozen):
-    for decoded in (greedy_decode(model, CachedFeatures(frozen), START, END, 12),
-                    beam_search(model, CachedFeatures(frozen), START, END, 12, beam_size=3)):
+    for decoded in (
+        greedy_decode(model, CachedFeatures(frozen), START, END, 12),
+        beam_search(model, CachedFeatures(frozen), START, END, 12, beam_size=3),
+    ):
         for tokens, alphas in zip(decoded.tokens, decoded.alphas):
             assert alphas.shape == (len(tokens), 4)
             assert torch.allclose(alphas.sum(dim=1), torch.ones(len(tokens)), atol=1e-5)

@@ -1,5 +1,6 @@
 """The demo dataset's splits, and its scorer on scenes with known answers: right and wrong phrases,
 cells and attention."""
+
 import json
 import tarfile
 
@@ -78,8 +79,9 @@ def test_regions_of_a_finer_grid_map_to_their_cells():
 def test_counts_are_over_all_images_and_phrases():
     right = "a large red bar at the top left and a small blue pillar at the bottom right".split()
     wrong = "a small red bar at the top left".split()
-    scores = demo_scores([right, wrong], [attention_on([0] * 9 + [3] * 8), attention_on([0] * 7)],
-                         [REFERENCES, REFERENCES])
+    scores = demo_scores(
+        [right, wrong], [attention_on([0] * 9 + [3] * 8), attention_on([0] * 7)], [REFERENCES, REFERENCES]
+    )
     assert scores == {"phrase_accuracy": pytest.approx(2 / 3), "grounding": 1.0, "exact": 0.5}
 
 
@@ -91,7 +93,9 @@ def test_a_set_that_is_not_the_demo_gets_no_demo_scores():
 def test_phrases_know_where_they_start():
     phrases = parse_phrases("there is a large red bar and a small blue pillar".split())
     assert [(p.shape, p.cell, p.start) for p in phrases] == [
-        (("large", "red", "bar"), None, 2), (("small", "blue", "pillar"), None, 7)]
+        (("large", "red", "bar"), None, 2),
+        (("small", "blue", "pillar"), None, 7),
+    ]
 
 
 def test_demo_val_scenes_are_distinct_and_never_in_train_which_draws_every_other_scene_before_repeating(tmp_path):

@@ -7,6 +7,7 @@ imcap, `accelerate launch`, `torchrun`, `python launch/...` or `sbatch slurm/...
 prefixes (`CI=true`), a `.venv/bin/` prefix and a `$ ` prompt. Nothing is skipped: write commands that
 parse.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-
 from helpers import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -27,8 +27,10 @@ SEPARATORS = {"&&", "||", ";", "|", "&", ";;"}
 ENV_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 LAUNCH_SCRIPTS = {"launch/train.py": "train", "launch/evaluate.py": "eval"}
 SLURM_DEFAULT_CONFIG = "configs/demo.yaml"  # IMCAP_CONFIG's default in slurm/common.sh
-README_INSTALL = ("python3 -m venv .venv && .venv/bin/pip install torch==2.14.1 torchvision==0.29.1 -e '.[dev]' "
-                  "&& .venv/bin/accelerate launch launch/train.py --config configs/demo.yaml")
+README_INSTALL = (
+    "python3 -m venv .venv && .venv/bin/pip install torch==2.14.1 torchvision==0.29.1 -e '.[dev]' "
+    "&& .venv/bin/accelerate launch launch/train.py --config configs/demo.yaml"
+)
 README_TEST = ".venv/bin/python -m pytest"
 
 
@@ -209,7 +211,7 @@ def problem(command: Command) -> str | None:
         scripts = [i for i, w in enumerate(args) if w.startswith("slurm/") and w.endswith(".sbatch")]
         if not scripts:
             return None  # not one of ours
-        script, overrides = args[scripts[0]], args[scripts[0] + 1:]
+        script, overrides = args[scripts[0]], args[scripts[0] + 1 :]
         if not (ROOT / script).is_file():
             return f"{script} does not exist"
         return _load_config(command.env.get("IMCAP_CONFIG", SLURM_DEFAULT_CONFIG), overrides)
@@ -233,20 +235,23 @@ def test_the_docs_show_commands_and_every_one_in_a_checked_block():
     assert not unchecked, "commands in fenced blocks that are not ```bash go unchecked:\n" + "\n".join(unchecked)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("imcap eval runs/demo --split val --beam-width 3", "unrecognized arguments: --beam-width"),
-    ("imcap shards build flicker shards/x --captions c.txt --images i --split train t.txt", "invalid choice"),
-    ("imcap caption photo.jpg", "--model"),
-    (".venv/bin/accelerate launch launch/train.py --config configs/demo.yaml train.lrate=1", "train.lrate"),
-    ("accelerate launch --num_proceses 2 launch/train.py --config configs/demo.yaml", "--num_proceses"),
-    ("accelerate launch launch/train.py --config configs/no-such.yaml", "does not exist"),
-    ("accelerate launch launch/evaluate.py runs/demo --beam 3 --splits val", "--splits"),
-    ("imcap train --config configs/demo.yaml data.batch_size=many", "data.batch_size"),
-    ("CI=true imcap features build --config configs/flickr8k.yaml data.cache=true", "data.cache"),
-    ("torchrun --nproc_per_node 2 launch/train.py --config configs/demo.yaml model.decoder.heads=8", "heads"),
-    ("IMCAP_CONFIG=configs/coco.yaml sbatch -N 2 slurm/multinode.sbatch train.epoch=3", "train.epoch"),
-    ("$ python launch/train.py --confg configs/demo.yaml", "--config"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("imcap eval runs/demo --split val --beam-width 3", "unrecognized arguments: --beam-width"),
+        ("imcap shards build flicker shards/x --captions c.txt --images i --split train t.txt", "invalid choice"),
+        ("imcap caption photo.jpg", "--model"),
+        (".venv/bin/accelerate launch launch/train.py --config configs/demo.yaml train.lrate=1", "train.lrate"),
+        ("accelerate launch --num_proceses 2 launch/train.py --config configs/demo.yaml", "--num_proceses"),
+        ("accelerate launch launch/train.py --config configs/no-such.yaml", "does not exist"),
+        ("accelerate launch launch/evaluate.py runs/demo --beam 3 --splits val", "--splits"),
+        ("imcap train --config configs/demo.yaml data.batch_size=many", "data.batch_size"),
+        ("CI=true imcap features build --config configs/flickr8k.yaml data.cache=true", "data.cache"),
+        ("torchrun --nproc_per_node 2 launch/train.py --config configs/demo.yaml model.decoder.heads=8", "heads"),
+        ("IMCAP_CONFIG=configs/coco.yaml sbatch -N 2 slurm/multinode.sbatch train.epoch=3", "train.epoch"),
+        ("$ python launch/train.py --confg configs/demo.yaml", "--config"),
+    ],
+)
 def test_a_wrong_command_in_a_doc_fails_naming_it(tmp_path, text, expected):
     doc = tmp_path / "wrong.md"
     doc.write_text(f"Some text.\n\n```bash\n{text}\n```\n")
@@ -257,9 +262,11 @@ def test_a_wrong_command_in_a_doc_fails_naming_it(tmp_path, text, expected):
 
 def test_continuations_env_prefixes_prompts_and_chains_are_read_as_the_shell_reads_them(tmp_path):
     doc = tmp_path / "ok.md"
-    doc.write_text("```console\n$ CI=true .venv/bin/imcap eval runs/demo \\\n    --split val  # a comment\n```\n"
-                   "```bash\nmkdir -p x && imcap export runs/demo --out x; echo done\n```\n"
-                   "```json\n{\"imcap\": 1}\n```\n")
+    doc.write_text(
+        "```console\n$ CI=true .venv/bin/imcap eval runs/demo \\\n    --split val  # a comment\n```\n"
+        "```bash\nmkdir -p x && imcap export runs/demo --out x; echo done\n```\n"
+        '```json\n{"imcap": 1}\n```\n'
+    )
     first, second = doc_commands(doc)
     assert first.words == ["imcap", "eval", "runs/demo", "--split", "val"] and first.env == {"CI": "true"}
     assert first.line == 2 and second.words == ["imcap", "export", "runs/demo", "--out", "x"]
@@ -300,7 +307,8 @@ def test_the_key_reference_in_docs_configuration_md_is_the_generated_one():
     text = path.read_text()
     assert with_reference(text, str(path)) == text, (
         f"{path.relative_to(ROOT)}'s key reference differs from imcap/config.py's fields: regenerate it with "
-        f"`{REGENERATE}`")
+        f"`{REGENERATE}`"
+    )
 
 
 def test_every_config_key_has_a_doc_comment():
@@ -329,9 +337,12 @@ def test_a_key_doc_is_the_comment_lines_above_its_field_then_the_one_beside_it()
         # this one's
         both: bool = False  # and beside
 
-    assert field_docs(Example) == {"plain": "", "beside": "said beside it",
-                                   "above": "said above it, on two lines",
-                                   "both": "this one's and beside"}
+    assert field_docs(Example) == {
+        "plain": "",
+        "beside": "said beside it",
+        "above": "said above it, on two lines",
+        "both": "this one's and beside",
+    }
 
 
 def test_the_reference_has_a_row_per_dotted_key_with_its_type_and_default():

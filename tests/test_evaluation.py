@@ -1,4 +1,5 @@
 """Distributed evaluation, `imcap eval`, `imcap caption` with attention maps, and export."""
+
 import json
 import subprocess
 import sys
@@ -6,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, free_port, run_env, tiny_overrides
 from PIL import Image
 
-from helpers import ROOT, free_port, run_env, tiny_overrides
 from imcap.cli import main as imcap
 from imcap.config import load_config
 from imcap.data.demo import build_demo
@@ -19,8 +20,12 @@ from imcap.train import train
 def trained(demo_shards, tmp_path_factory):
     """A tiny model trained for one epoch on the demo shards, and a val split of odd size (31 images)."""
     runs = tmp_path_factory.mktemp("runs")
-    train(load_config(ROOT / "configs" / "demo.yaml",
-                      tiny_overrides(demo_shards, runs, "eval.max_images=8", "eval.every_steps=5", "eval.meteor=last")))
+    train(
+        load_config(
+            ROOT / "configs" / "demo.yaml",
+            tiny_overrides(demo_shards, runs, "eval.max_images=8", "eval.every_steps=5", "eval.meteor=last"),
+        )
+    )
     odd = build_demo(tmp_path_factory.mktemp("odd"), train_images=8, val_images=31, shard_samples=7)
     return runs / "tiny", odd
 
@@ -35,8 +40,20 @@ def test_two_process_evaluation_of_an_odd_split_equals_one_process(trained, tmp_
     model, odd = trained
     common = ["--split", "val", "--shards", str(odd), "--beam-size", "2", "--batch-size", "4", "--cpu"]
     run(sys.executable, "launch/evaluate.py", str(model), "--out", str(tmp_path / "one"), *common)
-    run("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
-        "launch/evaluate.py", str(model), "--out", str(tmp_path / "two"), *common)
+    run(
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "launch/evaluate.py",
+        str(model),
+        "--out",
+        str(tmp_path / "two"),
+        *common,
+    )
     one, two = (json.loads((tmp_path / d / "captions.json").read_text()) for d in ("one", "two"))
     assert len(one) == 31 and sorted(c["image_id"] for c in two) == [f"val_{i:06d}" for i in range(31)]
     assert sorted(one, key=lambda c: c["image_id"]) == sorted(two, key=lambda c: c["image_id"])
@@ -95,7 +112,11 @@ def test_exported_model_gives_the_same_captions_as_its_run(trained, tmp_path, ca
     images.mkdir()
     subprocess.run(["tar", "xf", str(odd / "val-000000.tar"), "-C", str(images), "--wildcards", "*.png"], check=True)
     assert imcap(["export", str(model), "--out", str(tmp_path / "exported")]) == 0
-    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["config.yaml", "model.safetensors", "vocab.json"]
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == [
+        "config.yaml",
+        "model.safetensors",
+        "vocab.json",
+    ]
     capsys.readouterr()
     assert imcap(["caption", str(images), "--model", str(model)]) == 0
     from_run = capsys.readouterr().out
@@ -123,18 +144,26 @@ def test_caption_reads_a_phone_photo_upright_as_viewers_show_it(shared_data, tmp
     assert torch.equal(_picture(tmp_path / "phone.png", 64), _picture(tmp_path / "upright.png", 64))
 
 
-def test_caption_skips_an_unreadable_file_naming_it_and_maps_files_of_one_name_apart(trained, shared_data, tmp_path,
-                                                                                      capsys, caplog):
+def test_caption_skips_an_unreadable_file_naming_it_and_maps_files_of_one_name_apart(
+    trained, shared_data, tmp_path, capsys, caplog
+):
     model, _ = trained
     for folder, photo in (("a", "chelsea.png"), ("b", "coffee.png")):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "cat.png").write_bytes((shared_data / "photos" / photo).read_bytes())
     (tmp_path / "a" / "._cat.png").write_bytes(b"\0\5\26\7 macOS metadata, not an image")
     maps = tmp_path / "maps"
-    assert imcap(["caption", str(tmp_path / "a"), str(tmp_path / "b"), "--model", str(model),
-                  "--attention-maps", str(maps)]) == 0
+    assert (
+        imcap(
+            ["caption", str(tmp_path / "a"), str(tmp_path / "b"), "--model", str(model), "--attention-maps", str(maps)]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out.splitlines()
-    assert [line.split(": ")[0] for line in printed] == [str(tmp_path / "a" / "cat.png"), str(tmp_path / "b" / "cat.png")]
+    assert [line.split(": ")[0] for line in printed] == [
+        str(tmp_path / "a" / "cat.png"),
+        str(tmp_path / "b" / "cat.png"),
+    ]
     assert str(tmp_path / "a" / "._cat.png") in caplog.text
     assert sorted(p.name for p in maps.iterdir()) == ["cat-2.png", "cat.png"]
 
@@ -155,11 +184,22 @@ def test_evaluation_keeps_cocos_integer_image_ids_for_cocos_tools(trained, share
     Image.open(shared_data / "photos" / "coffee.png").convert("RGB").resize((64, 64)).save(photo, format="PNG")
     with wds.TarWriter(str(tmp_path / "val-000000.tar")) as tar:
         for key, image_id in (("a", 391895), ("b", "flickr_1000"), ("c", 7)):
-            tar.write({"__key__": key, "png": photo.getvalue(),
-                       "json": json.dumps({"image_id": image_id, "captions": ["a cup of coffee"]}).encode()})
+            tar.write(
+                {
+                    "__key__": key,
+                    "png": photo.getvalue(),
+                    "json": json.dumps({"image_id": image_id, "captions": ["a cup of coffee"]}).encode(),
+                }
+            )
     model, vocab, cfg = load_for_inference(model_dir)
-    evaluator = Evaluator([str(tmp_path / "val-000000.tar")], Collate(vocab, 20, 1), Accelerator(cpu=True),
-                          EvalConfig(batch_size=2, max_length=5), image_size=64, alpha_c=0.0)
+    evaluator = Evaluator(
+        [str(tmp_path / "val-000000.tar")],
+        Collate(vocab, 20, 1),
+        Accelerator(cpu=True),
+        EvalConfig(batch_size=2, max_length=5),
+        image_size=64,
+        alpha_c=0.0,
+    )
     assert [s["image_id"] for s in evaluator(model, meteor=False)["samples"]] == [7, 391895, "flickr_1000"]
 
 
@@ -177,5 +217,7 @@ def test_attention_figure_wraps_panels_into_rows_with_each_words_heat_on_its_reg
         row, col = divmod(i + 1, 3)  # panel 0 is the image
         x, y = 4 + col * 68, 4 + row * 84 + 16
         red = pixels[0, y : y + 64, x : x + 64]
-        quadrants = torch.stack([red[:32, :32].mean(), red[:32, 32:].mean(), red[32:, :32].mean(), red[32:, 32:].mean()])
+        quadrants = torch.stack(
+            [red[:32, :32].mean(), red[:32, 32:].mean(), red[32:, :32].mean(), red[32:, 32:].mean()]
+        )
         assert quadrants.argmax().item() == i % 4

@@ -1,12 +1,13 @@
 """imcap's fast training step (one encoder pass per image shared by its k captions, projection once per
 batch, output layer after the recurrence; or cached encoder features) computes the same loss and
 gradients as the straightforward step of bench/reference.py on the same batch."""
+
 import sys
 
 import pytest
 import torch
-
 from helpers import ROOT
+
 from imcap.config import load_config
 from imcap.data.batch import CachedFeatures, Images
 from imcap.model import Captioner, caption_loss
@@ -19,9 +20,17 @@ VOCAB = 20
 
 def models(train_layer4: bool):
     torch.manual_seed(0)
-    cfg = load_config(None, ["model.encoder.weights=none", "model.decoder.embed_dim=16", "model.decoder.hidden_dim=32",
-                             "model.decoder.attention_dim=24", "model.decoder.dropout=0.0",
-                             f"model.encoder.train_layer4={str(train_layer4).lower()}"])
+    cfg = load_config(
+        None,
+        [
+            "model.encoder.weights=none",
+            "model.decoder.embed_dim=16",
+            "model.decoder.hidden_dim=32",
+            "model.decoder.attention_dim=24",
+            "model.decoder.dropout=0.0",
+            f"model.encoder.train_layer4={str(train_layer4).lower()}",
+        ],
+    )
     fast = Captioner(cfg.model, VOCAB).train()
     with torch.no_grad():  # standardised features, as training uses them
         fast.encoder.feature_mean.normal_()
@@ -41,7 +50,7 @@ def batch(k=3):
     for i, length in enumerate(torch.randint(3, 9, (4 * k,), generator=g).tolist()):  # captions of varied length
         row = captions.view(-1, 9)[i]
         row[length] = 2
-        row[length + 1:] = 0
+        row[length + 1 :] = 0
     return images, captions
 
 
@@ -60,7 +69,9 @@ def test_grouped_captions_step_equals_the_straightforward_step(train_layer4):
     fast_loss, fast_grads = loss_and_grads(fast, captions, Images(images), captions=captions)
     ref_loss, ref_grads = loss_and_grads(reference, images, captions, captions=captions)
     assert fast_loss == pytest.approx(ref_loss, rel=1e-12)
-    assert fast_grads.keys() == ref_grads.keys() and any(n.startswith("encoder.cnn.7") for n in fast_grads) == train_layer4
+    assert (
+        fast_grads.keys() == ref_grads.keys() and any(n.startswith("encoder.cnn.7") for n in fast_grads) == train_layer4
+    )
     for name in fast_grads:
         assert torch.allclose(fast_grads[name], ref_grads[name], rtol=1e-7, atol=1e-10), name
 

@@ -1,22 +1,25 @@
 """The frozen-feature cache: `imcap features build`, training from it, refusing a mismatched cache."""
+
 import json
 import shutil
 
 import pytest
 import torch
-
 from helpers import ROOT, tiny_overrides
+
 from imcap.cli import main as imcap
 from imcap.config import ConfigError, load_config
-from imcap.data.shards import DataError, list_shards
-from imcap.data.shards import ShardWriter, iter_tar_members, read_sizes
 from imcap.data.feature_cache import build_cache_shards, cache_is_complete, finish_cache
+from imcap.data.shards import DataError, ShardWriter, iter_tar_members, list_shards, read_sizes
 from imcap.model.encoder import EncoderCNN
 from imcap.train import train
 
-
-FROZEN = ["data.image_size=64", "model.encoder.train_layer4=false", "model.encoder.batchnorm_stats_images=0",
-          "train.mixed_precision=no"]
+FROZEN = [
+    "data.image_size=64",
+    "model.encoder.train_layer4=false",
+    "model.encoder.batchnorm_stats_images=0",
+    "train.mixed_precision=no",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +27,32 @@ def cache(demo_shards, tmp_path_factory):
     """Of the whole frozen encoder, built where training looks for it: <data.shards>/features/<digest>/ (no --out)."""
     source = tmp_path_factory.mktemp("source") / "demo"
     shutil.copytree(demo_shards, source)
-    assert imcap(["features", "build", "--config", str(ROOT / "configs" / "demo.yaml"), f"data.shards={source}",
-                  *FROZEN, "--dtype", "fp32"]) == 0
+    assert (
+        imcap(
+            [
+                "features",
+                "build",
+                "--config",
+                str(ROOT / "configs" / "demo.yaml"),
+                f"data.shards={source}",
+                *FROZEN,
+                "--dtype",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     [out] = (source / "features").iterdir()
     return out
 
 
 def test_a_cache_mirrors_its_source_shards(cache, demo_shards):
     assert read_sizes(cache) == read_sizes(demo_shards)
-    assert [p.rsplit("/", 1)[1] for p in list_shards(str(cache), "val")] == ["val-000000.tar", "val-000001.tar", "val-000002.tar"]
+    assert [p.rsplit("/", 1)[1] for p in list_shards(str(cache), "val")] == [
+        "val-000000.tar",
+        "val-000001.tar",
+        "val-000002.tar",
+    ]
     meta = json.loads((cache / "cache.json").read_text())
     assert meta["image_size"] == 64 and meta["weights"] == "none" and not meta["train_layer4"]
     assert (cache / "vocab.json").read_bytes() == (demo_shards / "vocab.json").read_bytes()
@@ -52,7 +72,9 @@ def test_a_cache_made_with_another_encoder_is_refused(cache, tmp_path, change, w
 
 
 def test_batchnorm_statistics_are_not_estimated_from_a_cache_named_as_the_shards(cache, tmp_path):
-    overrides = tiny_overrides(cache, tmp_path, "data.train_crop=center", *FROZEN, "model.encoder.batchnorm_stats_images=8")
+    overrides = tiny_overrides(
+        cache, tmp_path, "data.train_crop=center", *FROZEN, "model.encoder.batchnorm_stats_images=8"
+    )
     with pytest.raises(ConfigError, match="batchnorm_stats_images needs images, but data.shards .* is a feature cache"):
         train(load_config(ROOT / "configs" / "demo.yaml", overrides))
 
@@ -60,8 +82,15 @@ def test_batchnorm_statistics_are_not_estimated_from_a_cache_named_as_the_shards
 def test_training_finds_the_cache_features_build_made_with_the_same_batchnorm_statistics(demo_shards, tmp_path, capsys):
     source = tmp_path / "demo"
     shutil.copytree(demo_shards, source)
-    overrides = tiny_overrides(source, tmp_path, "data.feature_cache=true", "data.train_crop=center", "eval.max_images=8",
-                               "model.encoder.train_layer4=true", "model.encoder.batchnorm_stats_images=40")
+    overrides = tiny_overrides(
+        source,
+        tmp_path,
+        "data.feature_cache=true",
+        "data.train_crop=center",
+        "eval.max_images=8",
+        "model.encoder.train_layer4=true",
+        "model.encoder.batchnorm_stats_images=40",
+    )
     assert imcap(["features", "build", "--config", str(ROOT / "configs" / "demo.yaml"), *overrides]) == 0
     [built] = (source / "features").iterdir()
     assert json.loads((built / "cache.json").read_text())["train_layer4"]
@@ -97,8 +126,12 @@ def test_a_truncated_source_shard_is_cached_up_to_the_cut_and_reported(demo_shar
 
 
 def val_captions(shard_dir) -> list[list[str]]:
-    return [json.loads(data)["captions"] for shard in list_shards(str(shard_dir), "val")
-            for name, data in iter_tar_members(shard) if name.endswith(".json")]
+    return [
+        json.loads(data)["captions"]
+        for shard in list_shards(str(shard_dir), "val")
+        for name, data in iter_tar_members(shard)
+        if name.endswith(".json")
+    ]
 
 
 def test_a_cache_of_shards_rebuilt_in_place_is_built_again_from_the_new_shards(demo_shards, tmp_path, caplog):
@@ -110,8 +143,12 @@ def test_a_cache_of_shards_rebuilt_in_place_is_built_again_from_the_new_shards(d
     assert cache_is_complete(cache, str(source))
 
     # the val shards rebuilt with other captions: the same names and sample counts
-    samples = [{"__key__": name.partition(".")[0], "png": data} for shard in list_shards(str(source), "val")
-               for name, data in iter_tar_members(shard) if name.endswith(".png")]
+    samples = [
+        {"__key__": name.partition(".")[0], "png": data}
+        for shard in list_shards(str(source), "val")
+        for name, data in iter_tar_members(shard)
+        if name.endswith(".png")
+    ]
     with ShardWriter(source, "val", max_samples=12) as writer:
         for sample in samples:
             meta = {"image_id": sample["__key__"], "captions": ["a new caption"]}

@@ -1,4 +1,5 @@
 """imcap's caption metrics equal pycocoevalcap's own COCOEvalCap on the same inputs."""
+
 import csv
 import json
 import subprocess
@@ -8,12 +9,19 @@ from pathlib import Path
 
 import evaluate
 import pytest
-
 from helpers import ROOT, run_env
+
 from imcap.metrics import METRIC_MODULE, caption_scores, java_available
 
-NAMES = {"Bleu_1": "bleu1", "Bleu_2": "bleu2", "Bleu_3": "bleu3", "Bleu_4": "bleu4", "METEOR": "meteor",
-         "ROUGE_L": "rouge_l", "CIDEr": "cider"}
+NAMES = {
+    "Bleu_1": "bleu1",
+    "Bleu_2": "bleu2",
+    "Bleu_3": "bleu3",
+    "Bleu_4": "bleu4",
+    "METEOR": "meteor",
+    "ROUGE_L": "rouge_l",
+    "CIDEr": "cider",
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +38,12 @@ def caption_set(shared_data_module):
     predictions = {}
     for n, i in enumerate(ids):
         refs = references[i]
-        predictions[i] = [references[ids[(n + 1) % 12]][0], refs[0].replace(" a ", " the "),
-                          refs[1], "The dog's red ball, in the grass!"][n % 4]
+        predictions[i] = [
+            references[ids[(n + 1) % 12]][0],
+            refs[0].replace(" a ", " the "),
+            refs[1],
+            "The dog's red ball, in the grass!",
+        ][n % 4]
     return predictions, {i: references[i] for i in ids}
 
 
@@ -50,9 +62,14 @@ def coco_eval_scores(predictions, references):
 
     ids = {name: n for n, name in enumerate(sorted(references))}
     coco = COCO()
-    coco.dataset = {"images": [{"id": n} for n in ids.values()],
-                    "annotations": [{"image_id": ids[i], "id": k * 10 + j, "caption": c}
-                                    for k, i in enumerate(sorted(references)) for j, c in enumerate(references[i])]}
+    coco.dataset = {
+        "images": [{"id": n} for n in ids.values()],
+        "annotations": [
+            {"image_id": ids[i], "id": k * 10 + j, "caption": c}
+            for k, i in enumerate(sorted(references))
+            for j, c in enumerate(references[i])
+        ],
+    }
     coco.createIndex()
     results = coco.loadRes([{"image_id": ids[i], "caption": c} for i, c in predictions.items()])
 
@@ -87,7 +104,9 @@ def test_every_metric_equals_coco_eval_cap(caption_set, our_scores):
     assert 0 < ours["bleu4"] < ours["bleu1"] < 1 and ours["cider"] > 0  # a non-trivial set
 
 
-def test_the_evaluate_module_loads_from_its_path_offline_and_gives_the_same_numbers(caption_set, our_scores, monkeypatch):
+def test_the_evaluate_module_loads_from_its_path_offline_and_gives_the_same_numbers(
+    caption_set, our_scores, monkeypatch
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")
     predictions, references = caption_set
@@ -101,9 +120,11 @@ def test_the_evaluate_module_loads_from_its_path_offline_and_gives_the_same_numb
 
 
 def test_without_java_meteor_is_unavailable_and_the_others_still_score(tmp_path):
-    script = ("import json; from imcap.metrics import caption_scores; "
-              "print(json.dumps(caption_scores({'a': 'a dog runs', 'b': 'a red car'}, "
-              "{'a': ['a dog runs', 'a dog is running'], 'b': ['a red car', 'a car that is red']})))")
+    script = (
+        "import json; from imcap.metrics import caption_scores; "
+        "print(json.dumps(caption_scores({'a': 'a dog runs', 'b': 'a red car'}, "
+        "{'a': ['a dog runs', 'a dog is running'], 'b': ['a red car', 'a car that is red']})))"
+    )
     env = {**run_env(), "PATH": str(Path(sys.executable).parent)}  # no java on this PATH
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -129,8 +150,9 @@ def test_a_line_break_inside_a_reference_leaves_every_image_its_own_references()
     if not java_available():
         pytest.skip("the PTB tokeniser needs Java")
     predictions = {1: "a man rides a bike", 2: "two cats sleep on a sofa"}
-    spaced = caption_scores(predictions, {1: ["a man rides a bike down the road"], 2: ["two cats sleep on a sofa"]},
-                            meteor=False)
+    spaced = caption_scores(
+        predictions, {1: ["a man rides a bike down the road"], 2: ["two cats sleep on a sofa"]}, meteor=False
+    )
     for brk in ("\r", "\u2028", "\x0b"):  # line breaks to Java's PTB tokeniser, which pycocoevalcap splits on "\n" only
         broken = {1: [f"a man rides a bike{brk}down the road"], 2: ["two cats sleep on a sofa"]}
         assert caption_scores(predictions, broken, meteor=False) == spaced, repr(brk)

@@ -1,4 +1,5 @@
 """The model's contract: shapes, what trains and what stays frozen, weights loading, and that it learns."""
+
 import pytest
 import torch
 import torchvision
@@ -7,11 +8,21 @@ from imcap.config import load_config
 from imcap.data.batch import Images
 from imcap.model import Captioner, caption_loss
 from imcap.model.decoder import Decoder
-from imcap.model.encoder import EncoderCNN, WeightsError, estimate_batchnorm_stats, estimate_feature_stats, load_resnet50
+from imcap.model.encoder import (
+    EncoderCNN,
+    WeightsError,
+    estimate_batchnorm_stats,
+    estimate_feature_stats,
+    load_resnet50,
+)
 from imcap.train import make_optimizer
 
-SMALL = ["model.encoder.weights=none", "model.decoder.embed_dim=16", "model.decoder.hidden_dim=32",
-         "model.decoder.attention_dim=16"]
+SMALL = [
+    "model.encoder.weights=none",
+    "model.decoder.embed_dim=16",
+    "model.decoder.hidden_dim=32",
+    "model.decoder.attention_dim=16",
+]
 
 
 def small_model(*overrides, vocab_size=12):
@@ -61,7 +72,9 @@ def test_train_layer4_trains_exactly_layer4_with_its_own_learning_rate():
     assert with_grad == trainable
     groups = {g["name"]: g for g in make_optimizer(model, cfg, 10)[0].param_groups}
     # the configured rates, which the schedule scales (initial_lr: LambdaLR keeps them there)
-    assert groups["layer4"]["initial_lr"] == pytest.approx(1e-5) and groups["decoder"]["initial_lr"] == pytest.approx(1e-3)
+    assert groups["layer4"]["initial_lr"] == pytest.approx(1e-5) and groups["decoder"]["initial_lr"] == pytest.approx(
+        1e-3
+    )
     assert {id(p) for p in groups["layer4"]["params"]} == {id(p) for p in model.encoder.layer4.parameters()}
     assert model.encoder.layer4.training and not model.encoder.cnn[0].training  # layer4's BatchNorm trains
 
@@ -95,7 +108,9 @@ def test_loss_ignores_padding_and_attention_after_the_end():
     assert torch.allclose(alphas[1].sum(dim=1), torch.ones(6))
     changed = logits.detach().clone()
     changed[0, 3:] = 100.0  # logits at padded positions do not count
-    assert caption_loss(changed, alphas, captions, 0, 1.0)[0].item() == pytest.approx(caption_loss(logits, alphas, captions, 0, 1.0)[0].item())
+    assert caption_loss(changed, alphas, captions, 0, 1.0)[0].item() == pytest.approx(
+        caption_loss(logits, alphas, captions, 0, 1.0)[0].item()
+    )
 
 
 def test_k_captions_share_one_encoding_and_match_one_caption_per_sample():
@@ -120,7 +135,9 @@ def test_local_state_dict_weights_are_loaded(tmp_path):
 def test_a_resnet50_with_another_classifier_loads_its_trunk(tmp_path):
     places = torchvision.models.resnet50(num_classes=365)  # fine-tuned elsewhere: the classifier is not used
     torch.save(places.state_dict(), tmp_path / "places365.pt")
-    assert torch.equal(load_resnet50(str(tmp_path / "places365.pt")).layer4[2].conv3.weight, places.layer4[2].conv3.weight)
+    assert torch.equal(
+        load_resnet50(str(tmp_path / "places365.pt")).layer4[2].conv3.weight, places.layer4[2].conv3.weight
+    )
 
 
 def test_a_file_that_is_not_a_resnet50_is_refused_by_name(tmp_path):

@@ -1,4 +1,5 @@
 """The WebDataset pipeline on real tars: decoding, skipping bad samples, equal epochs, exact coverage."""
+
 import json
 import re
 import shutil
@@ -10,6 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    ROOT,
+    TRAIN_LOADER,
+    demo_as_jpegs,
+    demo_collate,
+    image_bytes,
+    make_eval_loader,
+    make_train_loader,
+    run_env,
+    tiny_overrides,
+)
 from PIL import Image
 
 from imcap.config import load_config
@@ -21,11 +33,6 @@ from imcap.data.training_data import split_captions
 from imcap.model import Captioner, caption_loss
 from imcap.text import Vocabulary
 
-from helpers import (ROOT, TRAIN_LOADER, demo_as_jpegs, demo_collate, image_bytes, make_eval_loader, make_train_loader,
-                     run_env, tiny_overrides)
-
-
-
 
 def sample(key: str, data: bytes, ext: str, captions=("a thing",)) -> dict:
     return {"__key__": key, ext: data, "json": json.dumps({"captions": list(captions), "image_id": key}).encode()}
@@ -33,10 +40,6 @@ def sample(key: str, data: bytes, ext: str, captions=("a thing",)) -> dict:
 
 def stream_ids(shards, collate, **kw) -> list[list[str]]:
     return [batch.image_ids for batch in make_train_loader(shards, collate, **kw)]
-
-
-
-
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "RGB"])
@@ -70,8 +73,9 @@ def test_real_photos_go_through_the_pipeline_and_the_model(shared_data, tmp_path
             writer.write(sample(path.stem, path.read_bytes(), ext, [f"a photo of {path.stem}"]))
     assert {"L", "RGB"} <= modes  # grayscale and colour photos
     vocab = Vocabulary.build([f"a photo of {p.stem}" for p in photos], 1)
-    loader = make_eval_loader(list_shards(str(tmp_path), "train"), Collate(vocab, 10, 1), batch_size=len(photos),
-                              image_size=224)
+    loader = make_eval_loader(
+        list_shards(str(tmp_path), "train"), Collate(vocab, 10, 1), batch_size=len(photos), image_size=224
+    )
     batch = next(iter(loader))
     assert batch.inputs.pixels.shape == (len(photos), 3, 224, 224) and batch.skipped == 0
     model = Captioner(load_config(None, ["model.encoder.weights=none"]).model, len(vocab))
@@ -90,8 +94,9 @@ def test_corrupt_and_captionless_samples_are_skipped_and_counted(tmp_path):
         writer.write({"__key__": "noimage", "txt": b"a caption"})
         writer.write(sample("good2", good, "png"))
     vocab = Vocabulary.build(["a thing"], 1)
-    batches = list(make_eval_loader(list_shards(str(tmp_path), "train"), Collate(vocab, 5, 1), batch_size=10,
-                                    image_size=32))
+    batches = list(
+        make_eval_loader(list_shards(str(tmp_path), "train"), Collate(vocab, 5, 1), batch_size=10, image_size=32)
+    )
     assert [b.image_ids for b in batches] == [["good1", "good2"]]
     assert batches[0].skipped == 5
 
@@ -117,18 +122,25 @@ def smooth_picture(width: int, height: int, seed: int) -> Image.Image:
 
 
 def one_batch(shards_dir: Path, jpeg_on_device: bool, batch_size: int):
-    loader = make_train_loader(list_shards(str(shards_dir), "train"), Collate(Vocabulary.build(["a thing"], 1), 5, 1),
-                               jpeg_decode="device" if jpeg_on_device else "workers",
-                               **{**TRAIN_LOADER, "batch_size": batch_size})
+    loader = make_train_loader(
+        list_shards(str(shards_dir), "train"),
+        Collate(Vocabulary.build(["a thing"], 1), 5, 1),
+        jpeg_decode="device" if jpeg_on_device else "workers",
+        **{**TRAIN_LOADER, "batch_size": batch_size},
+    )
     return next(iter(loader))
 
 
 def test_jpegs_decoded_on_the_device_are_the_images_the_workers_decode(tmp_path):
     """The device path (here torchvision's CPU decoder: nvJPEG on a GPU) gets the same samples, crops and
     pixels to within resampling differences; PNG and CMYK JPEG are decoded by the worker in the same batch."""
-    pictures = {"rgb": (smooth_picture(120, 90, 0), "JPEG"), "gray": (smooth_picture(80, 100, 1).convert("L"), "JPEG"),
-                "cmyk": (smooth_picture(90, 90, 2).convert("CMYK"), "JPEG"), "png": (smooth_picture(100, 70, 3), "PNG"),
-                "wide": (smooth_picture(127, 64, 4), "JPEG")}
+    pictures = {
+        "rgb": (smooth_picture(120, 90, 0), "JPEG"),
+        "gray": (smooth_picture(80, 100, 1).convert("L"), "JPEG"),
+        "cmyk": (smooth_picture(90, 90, 2).convert("CMYK"), "JPEG"),
+        "png": (smooth_picture(100, 70, 3), "PNG"),
+        "wide": (smooth_picture(127, 64, 4), "JPEG"),
+    }
     with ShardWriter(tmp_path, "train", max_samples=100) as writer:
         for key, (picture, fmt) in pictures.items():
             writer.write(sample(key, image_bytes(picture, fmt), "png" if fmt == "PNG" else "jpg"))
@@ -139,8 +151,9 @@ def test_jpegs_decoded_on_the_device_are_the_images_the_workers_decode(tmp_path)
     assert on_device.image_ids == by_workers.image_ids and torch.equal(on_device.captions, by_workers.captions)
     assert images.shape == by_workers.inputs.pixels.shape == (len(pictures), 3, 64, 64) and images.dtype == torch.uint8
     difference = (images.float() - by_workers.inputs.pixels.float()).abs()
-    assert difference.mean() < 2 and difference.amax() < 40, [(k, d.mean().item())
-                                                               for k, d in zip(on_device.image_ids, difference)]
+    assert difference.mean() < 2 and difference.amax() < 40, [
+        (k, d.mean().item()) for k, d in zip(on_device.image_ids, difference)
+    ]
 
 
 def without_scan(jpeg: bytes) -> bytes:
@@ -183,10 +196,26 @@ def test_training_on_jpegs_decoded_on_the_device_counts_the_one_it_cannot_decode
             for sample in samples:
                 writer.write(sample)
     shutil.copy(demo_shards / "vocab.json", shards / "vocab.json")
-    done = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/demo.yaml",
-                           *tiny_overrides(shards, tmp_path, "data.jpeg_decode=device", "train.log_every=1",
-                                           "data.shuffle_buffer=200", "model.encoder.feature_stats_images=0")],
-                          cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "launch/train.py",
+            "--config",
+            "configs/demo.yaml",
+            *tiny_overrides(
+                shards,
+                tmp_path,
+                "data.jpeg_decode=device",
+                "train.log_every=1",
+                "data.shuffle_buffer=200",
+                "model.encoder.feature_stats_images=0",
+            ),
+        ],
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     logged = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in logged if "train_loss" in r]
@@ -208,8 +237,9 @@ def test_every_rank_and_worker_yields_the_computed_number_of_batches(demo_shards
     assert count_samples(shards) == 96
     seen = {}
     for rank in range(2):
-        batches = stream_ids(shards, collate, rank=rank, world_size=2, num_batches=7, skip=0, num_workers=2,
-                             **TRAIN_LOADER)
+        batches = stream_ids(
+            shards, collate, rank=rank, world_size=2, num_batches=7, skip=0, num_workers=2, **TRAIN_LOADER
+        )
         assert len(batches) == 7 and all(len(b) == 4 for b in batches)
         seen[rank] = [i for b in batches for i in b]
     assert not set(seen[0]) & set(seen[1])  # ranks read disjoint shards
@@ -247,14 +277,18 @@ def test_one_loader_through_several_epochs_yields_each_epoch_as_its_own_loader_w
     first yields the rest of that epoch. 7 batches an epoch: the workers' turns shift at every epoch."""
     shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards, k=2)
     kw = {**TRAIN_LOADER, "rank": 0, "world_size": 1, "num_batches": 7, "num_workers": workers}
-    by_epoch = [list(make_train_loader(shards, collate, skip=2 if epoch == 1 else 0, **{**kw, "epoch": epoch}))
-                for epoch in (1, 2, 3)]
+    by_epoch = [
+        list(make_train_loader(shards, collate, skip=2 if epoch == 1 else 0, **{**kw, "epoch": epoch}))
+        for epoch in (1, 2, 3)
+    ]
     assert [len(e) for e in by_epoch] == [5, 7, 7] and by_epoch[1][0].image_ids != by_epoch[2][0].image_ids
     through = list(make_train_loader(shards, collate, skip=2, epochs=3, **{**kw, "epoch": 1}))
     expected = [b for epoch in by_epoch for b in epoch]
     assert [b.image_ids for b in through] == [b.image_ids for b in expected]
-    assert all(torch.equal(a.inputs.pixels, b.inputs.pixels) and torch.equal(a.captions, b.captions)
-               for a, b in zip(through, expected))
+    assert all(
+        torch.equal(a.inputs.pixels, b.inputs.pixels) and torch.equal(a.captions, b.captions)
+        for a, b in zip(through, expected)
+    )
     # resumed with more processes or a larger batch: the saved position lies past the epoch's new end
     past_the_end = list(make_train_loader(shards, collate, skip=9, epochs=3, **{**kw, "epoch": 1}))
     assert [b.image_ids for b in past_the_end] == [b.image_ids for b in expected[5:]]
@@ -271,8 +305,13 @@ def test_the_trainer_uses_fewer_workers_when_the_shards_are_too_few_and_says_so(
     from imcap.data.training_data import TrainingData
 
     cfg = load_config(None, [f"data.shards={demo_shards}", "data.num_workers=5"])
-    data = TrainingData(cfg, Vocabulary.load(demo_shards / "vocab.json"), list_shards(str(demo_shards), "train"),
-                        list_shards(str(demo_shards), "val"), 96)
+    data = TrainingData(
+        cfg,
+        Vocabulary.load(demo_shards / "vocab.json"),
+        list_shards(str(demo_shards), "train"),
+        list_shards(str(demo_shards), "val"),
+        96,
+    )
     loader = data.train_loader(Part(0, 2), first_epoch=0, skip=0, num_batches=1)
     assert loader.num_workers == 4  # 8 shards for 2 processes
     assert "data.num_workers=5, but 8 train shards feed only 4 workers in each of 2 processes" in caplog.text
@@ -281,9 +320,14 @@ def test_the_trainer_uses_fewer_workers_when_the_shards_are_too_few_and_says_so(
 @pytest.mark.parametrize("world, workers", [(1, 0), (2, 1), (3, 2)])
 def test_evaluation_covers_the_split_exactly_once_across_ranks_and_workers(demo_shards, world, workers):
     shards, collate = list_shards(str(demo_shards), "val"), demo_collate(demo_shards)
-    ids = [i for rank in range(world)
-           for b in make_eval_loader(shards, collate, rank=rank, world_size=world, batch_size=5, image_size=64,
-                                     num_workers=workers) for i in b.image_ids]
+    ids = [
+        i
+        for rank in range(world)
+        for b in make_eval_loader(
+            shards, collate, rank=rank, world_size=world, batch_size=5, image_size=64, num_workers=workers
+        )
+        for i in b.image_ids
+    ]
     assert sorted(ids) == sorted(f"val_{i:06d}" for i in range(32))
 
 
@@ -316,8 +360,13 @@ def test_shards_without_a_usable_sample_are_an_error_naming_them_not_an_endless_
         for i in range(4):
             writer.write({"__key__": f"good{i}", "png": png, "json": b'{"caption": "a black square"}'})
         for i in range(4):
-            writer.write({"__key__": f"bad{i}", "png": png[:20] if broken == "corrupt images" else png,
-                          "json": b'{"caption": null}' if broken == "null captions" else b'{"caption": "a thing"}'})
+            writer.write(
+                {
+                    "__key__": f"bad{i}",
+                    "png": png[:20] if broken == "corrupt images" else png,
+                    "json": b'{"caption": null}' if broken == "null captions" else b'{"caption": "a thing"}',
+                }
+            )
     shards, collate = list_shards(str(tmp_path), "train"), Collate(Vocabulary.build(["a black square"], 1), 5, 1)
     kw = {**TRAIN_LOADER, "world_size": 2, "num_batches": 2, "skip": 0, "num_workers": 0, "batch_size": 2}
     assert len(stream_ids(shards, collate, rank=0, **kw)) == 2  # rank 0 owns the good shard, rank 1 the bad one

@@ -1,15 +1,15 @@
 """DeviceBatches: the batches ahead of the step, in a thread; same batches, same order, errors surfaced."""
+
 import itertools
 import threading
 
 import pytest
 import torch
+from helpers import TRAIN_LOADER, demo_as_jpegs, demo_collate, make_train_loader
 
 from imcap.data.batch import Batch, Images
 from imcap.data.prefetch import DeviceBatches
 from imcap.data.shards import DataError, ShardWriter, list_shards
-
-from helpers import TRAIN_LOADER, demo_as_jpegs, demo_collate, make_train_loader
 
 
 def test_device_batches_are_the_loaders_batches_in_order_with_their_inputs(demo_shards):
@@ -27,14 +27,20 @@ def test_device_batches_are_the_loaders_batches_in_order_with_their_inputs(demo_
 def tiny_batches(count: int | None, then: Exception | None = None):
     """`count` one-image batches (None: without end), then `then` raised, as a loader's error would be."""
     for _ in itertools.count() if count is None else range(count):
-        yield Batch(torch.zeros(1, 1, 3, dtype=torch.long), Images(torch.zeros(1, 3, 4, 4, dtype=torch.uint8)), [["a"]],
-                    ["image"])
+        yield Batch(
+            torch.zeros(1, 1, 3, dtype=torch.long),
+            Images(torch.zeros(1, 3, 4, 4, dtype=torch.uint8)),
+            [["a"]],
+            ["image"],
+        )
     if then is not None:
         raise then
 
 
 def test_an_error_in_the_loader_is_raised_in_the_training_thread_after_the_batches_before_it():
-    batches = DeviceBatches(tiny_batches(2, DataError("no readable sample in shards/x/train-000003.tar")), "cpu", ahead=2)
+    batches = DeviceBatches(
+        tiny_batches(2, DataError("no readable sample in shards/x/train-000003.tar")), "cpu", ahead=2
+    )
     assert len([next(batches), next(batches)]) == 2
     with pytest.raises(DataError, match="train-000003.tar"):
         next(batches)
@@ -58,8 +64,16 @@ def test_on_a_gpu_the_batches_prepared_on_a_side_stream_equal_the_cpu_ones(demo_
         for sample in demo_as_jpegs(demo_shards, "train"):
             writer.write(sample)
     shards, collate = list_shards(str(tmp_path), "train"), demo_collate(demo_shards, k=2)
-    kw = dict(rank=0, world_size=1, num_batches=20, skip=0, num_workers=2,
-              jpeg_decode="device" if jpeg_on_device else "workers", epochs=2, **TRAIN_LOADER)
+    kw = dict(
+        rank=0,
+        world_size=1,
+        num_batches=20,
+        skip=0,
+        num_workers=2,
+        jpeg_decode="device" if jpeg_on_device else "workers",
+        epochs=2,
+        **TRAIN_LOADER,
+    )
     with DeviceBatches(make_train_loader(shards, collate, **kw), "cpu") as batches:
         expected = [(b.image_ids, b.inputs.pixels, b.captions) for b in batches]
     seen = []

@@ -1,5 +1,6 @@
 """`imcap shards build` and `imcap shards check` on real files: the Flickr8k and COCO data in ../shared/data
 in each layout they are distributed in, broken images, a build killed with SIGKILL, img2dataset shards."""
+
 import csv
 import io
 import json
@@ -15,19 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from helpers import ROOT, make_eval_loader, run_env
 from PIL import Image
 
-from helpers import ROOT, make_eval_loader, run_env
 from imcap.cli import main as imcap
-from imcap.data.batch import Collate
 from imcap.cli.shards import parse_shard_size
+from imcap.data.batch import Collate
 from imcap.data.build import BuildOptions, build_shards
 from imcap.data.check import check_shards
 from imcap.data.samples import decode_image
 from imcap.data.shards import DataError, ShardWriter, TarShard, count_samples, list_shards, read_sizes
+from imcap.data.sources import SourceError, read_coco, read_flickr, read_hf, read_karpathy, read_table, read_webdataset
 from imcap.data.training_data import split_captions
-from imcap.data.sources import (SourceError, read_coco, read_flickr, read_hf, read_karpathy, read_table,
-                                read_webdataset)
 from imcap.text import Vocabulary
 
 TRAIN_IMAGES, VAL_IMAGES = 40, 10  # a subset of Flickr8k's 6,000 + 1,000, for speed
@@ -35,11 +35,14 @@ TRAIN_IMAGES, VAL_IMAGES = 40, 10  # a subset of Flickr8k's 6,000 + 1,000, for s
 
 # ------------------------------------------------------------------------------------------- helpers
 
+
 def shard_samples(out_dir: Path) -> dict[str, dict[str, bytes]]:
     """key -> {extension: bytes} of every shard in out_dir, read by plain webdataset."""
     urls = sorted(str(p) for p in Path(out_dir).glob("*.tar"))
-    return {s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")}
-            for s in wds.WebDataset(urls, shardshuffle=False)}
+    return {
+        s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")}
+        for s in wds.WebDataset(urls, shardshuffle=False)
+    }
 
 
 def shard_keys(shard: str | Path) -> list[str]:
@@ -61,8 +64,9 @@ def image_bytes(image: Image.Image, fmt: str) -> bytes:
 
 
 def build(source, out_dir: Path, workers: int = 1, **options) -> dict:
-    return build_shards(source, out_dir, BuildOptions(**{"min_word_count": 1, "shard_samples": 16, **options}),
-                        workers=workers)
+    return build_shards(
+        source, out_dir, BuildOptions(**{"min_word_count": 1, "shard_samples": 16, **options}), workers=workers
+    )
 
 
 @pytest.fixture
@@ -71,8 +75,10 @@ def flickr(shared_data, tmp_path) -> dict:
     read independently of imcap."""
     root = shared_data / "flickr8k"
     lists = {}
-    for split, name, count in (("train", "Flickr_8k.trainImages.txt", TRAIN_IMAGES),
-                               ("val", "Flickr_8k.devImages.txt", VAL_IMAGES)):
+    for split, name, count in (
+        ("train", "Flickr_8k.trainImages.txt", TRAIN_IMAGES),
+        ("val", "Flickr_8k.devImages.txt", VAL_IMAGES),
+    ):
         names = (root / name).read_text().split()[:count]
         lists[split] = tmp_path / name
         lists[split].write_text("\n".join(names) + "\n")
@@ -81,8 +87,14 @@ def flickr(shared_data, tmp_path) -> dict:
         for row in csv.DictReader(f):
             captions.setdefault(row["image"], []).append(row["caption"])
     names = {split: path.read_text().split() for split, path in lists.items()}
-    return {"captions_file": root / "captions.txt", "images": root / "images", "lists": lists, "names": names,
-            "captions": captions, "tmp": tmp_path}
+    return {
+        "captions_file": root / "captions.txt",
+        "images": root / "images",
+        "lists": lists,
+        "names": names,
+        "captions": captions,
+        "tmp": tmp_path,
+    }
 
 
 def flickr_source(flickr):
@@ -91,14 +103,21 @@ def flickr_source(flickr):
 
 # --------------------------------------------------------------------------------- real data to shards
 
+
 def test_flickr8k_csv_builds_shards_with_every_image_and_caption_byte_for_byte(flickr):
     out = flickr["tmp"] / "shards"
     report = build(flickr_source(flickr), out, workers=2)
 
-    assert read_sizes(out) == {"train-000000.tar": 16, "train-000001.tar": 16, "train-000002.tar": 8,
-                               "val-000000.tar": 10}
-    assert report["splits"] == {"train": {"images": 40, "captions": 200, "shards": 3},
-                                "val": {"images": 10, "captions": 50, "shards": 1}}
+    assert read_sizes(out) == {
+        "train-000000.tar": 16,
+        "train-000001.tar": 16,
+        "train-000002.tar": 8,
+        "val-000000.tar": 10,
+    }
+    assert report["splits"] == {
+        "train": {"images": 40, "captions": 200, "shards": 3},
+        "val": {"images": 10, "captions": 50, "shards": 1},
+    }
     assert report["problems"] == []
     samples = shard_samples(out)
     for split, names in flickr["names"].items():
@@ -122,8 +141,9 @@ def test_coco_captions_json_builds_shards_with_every_image_and_caption(shared_da
     coco = shared_data / "coco-mini"
     annotations = json.loads((coco / "captions_train2017.json").read_text())
     out = tmp_path / "coco"
-    report = build(read_coco([("train", coco / "captions_train2017.json", coco / "train2017")]), out, workers=2,
-                   shard_samples=1000)
+    report = build(
+        read_coco([("train", coco / "captions_train2017.json", coco / "train2017")]), out, workers=2, shard_samples=1000
+    )
 
     assert report["splits"] == {"train": {"images": 80, "captions": 400, "shards": 1}} and report["problems"] == []
     samples = shard_samples(out)
@@ -137,6 +157,7 @@ def test_coco_captions_json_builds_shards_with_every_image_and_caption(shared_da
 
 
 # ------------------------------------------------------------- the same data in the other layouts
+
 
 def write_token_file(flickr) -> tuple:
     path = flickr["tmp"] / "Flickr8k.token.txt"
@@ -171,8 +192,11 @@ def write_karpathy(flickr) -> tuple:
 def write_jsonl(flickr) -> tuple:
     """One JSONL for both splits: captions as a list, the split in a column."""
     path = flickr["tmp"] / "captions.jsonl"
-    rows = [{"image": name, "captions": flickr["captions"][name], "split": split}
-            for split, names in flickr["names"].items() for name in names]
+    rows = [
+        {"image": name, "captions": flickr["captions"][name], "split": split}
+        for split, names in flickr["names"].items()
+        for name in names
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return read_table([(None, path)], flickr["images"], "image", "captions", split_column="split"), {}
 
@@ -208,13 +232,24 @@ def write_saved_dataset(flickr) -> tuple:
 
     write_imagefolder(flickr)
     datasets.load_dataset("imagefolder", data_dir=str(flickr["tmp"] / "imagefolder")).save_to_disk(
-        flickr["tmp"] / "saved")
+        flickr["tmp"] / "saved"
+    )
     return read_hf(str(flickr["tmp"] / "saved"), "image", "text"), {}
 
 
-@pytest.mark.parametrize("layout", [write_token_file, write_results_csv, write_karpathy, write_jsonl, write_tsv,
-                                    write_imagefolder, write_saved_dataset],
-                         ids=lambda f: f.__name__.removeprefix("write_"))
+@pytest.mark.parametrize(
+    "layout",
+    [
+        write_token_file,
+        write_results_csv,
+        write_karpathy,
+        write_jsonl,
+        write_tsv,
+        write_imagefolder,
+        write_saved_dataset,
+    ],
+    ids=lambda f: f.__name__.removeprefix("write_"),
+)
 def test_every_layout_of_the_same_data_gives_the_same_samples(flickr, layout, monkeypatch):
     if layout in (write_imagefolder, write_saved_dataset):  # datasets caches what it loads: keep that in tmp_path
         import datasets
@@ -237,17 +272,21 @@ def test_imagefolder_images_of_one_name_in_two_folders_are_two_samples(tmp_path,
     for folder, colour in (("cats", "red"), ("dogs", "green")):
         (split / folder).mkdir(parents=True)
         Image.new("RGB", (16, 16), colour).save(split / folder / "1.jpg")
-    (split / "metadata.jsonl").write_text('{"file_name": "cats/1.jpg", "text": "a cat"}\n'
-                                          '{"file_name": "dogs/1.jpg", "text": "a dog"}\n')
+    (split / "metadata.jsonl").write_text(
+        '{"file_name": "cats/1.jpg", "text": "a cat"}\n{"file_name": "dogs/1.jpg", "text": "a dog"}\n'
+    )
     report = build(read_hf(str(tmp_path / "imagefolder"), "image", "text"), tmp_path / "out")
 
     assert report["problems"] == []
     samples = shard_samples(tmp_path / "out")
     assert {key: json.loads(s["json"]) for key, s in samples.items()} == {
-        "cats_1": {"image_id": "cats/1", "captions": ["a cat"]}, "dogs_1": {"image_id": "dogs/1", "captions": ["a dog"]}}
+        "cats_1": {"image_id": "cats/1", "captions": ["a cat"]},
+        "dogs_1": {"image_id": "dogs/1", "captions": ["a dog"]},
+    }
 
 
 # -------------------------------------------------------------------------------------------- bad input
+
 
 def png_claiming_size(width: int, height: int) -> bytes:
     """A valid 1x1 PNG whose header says width x height: PIL sees the size without decoding anything."""
@@ -292,19 +331,31 @@ def test_bad_images_and_captions_are_reported_and_every_good_image_lands_in_the_
     assert Image.open(tmp_path / "images" / "cmyk.jpg").mode == "CMYK"
     assert Image.open(tmp_path / "images" / "sixteen.png").mode.startswith("I;16")
     rows = [f"{name},a picture called {Path(name).stem}".encode() for name in files if name != "blank.jpg"]
-    rows += [b"missing.jpg,a picture that is not there", b'blank.jpg,"   "', b"latin1.jpg,caf\xe9 au lait",
-             b"half-a-row.jpg"]
+    rows += [
+        b"missing.jpg,a picture that is not there",
+        b'blank.jpg,"   "',
+        b"latin1.jpg,caf\xe9 au lait",
+        b"half-a-row.jpg",
+    ]
     (tmp_path / "captions.csv").write_bytes(b"image,caption\n" + b"\n".join(rows) + b"\n")
     source = read_table([("train", tmp_path / "captions.csv")], tmp_path / "images", "image", "caption")
     out = tmp_path / "shards"
     report = build(source, out, workers=2, resize=resize)
 
     found = sorted((p["reason"], Path(p["file"]).name) for p in report["problems"])
-    assert found == sorted([("corrupt image", "corrupt.jpg"), ("corrupt image", "truncated.png"),
-                            ("empty file", "empty.jpg"), ("missing file", "missing.jpg"),
-                            ("decompression bomb", "bomb.png"), ("empty caption", "blank.jpg"),
-                            ("no captions", "blank.jpg"), ("caption not valid UTF-8", "latin1.jpg"),
-                            ("malformed line", f"captions.csv:{len(rows) + 1}")])
+    assert found == sorted(
+        [
+            ("corrupt image", "corrupt.jpg"),
+            ("corrupt image", "truncated.png"),
+            ("empty file", "empty.jpg"),
+            ("missing file", "missing.jpg"),
+            ("decompression bomb", "bomb.png"),
+            ("empty caption", "blank.jpg"),
+            ("no captions", "blank.jpg"),
+            ("caption not valid UTF-8", "latin1.jpg"),
+            ("malformed line", f"captions.csv:{len(rows) + 1}"),
+        ]
+    )
     assert json.loads((out / "report.json").read_text())["problems"] == report["problems"]
     samples = shard_samples(out)
     assert sorted(samples) == sorted(Path(n).stem for n in GOOD)
@@ -323,13 +374,20 @@ def test_bad_images_and_captions_are_reported_and_every_good_image_lands_in_the_
     assert all_files(tmp_path / "again") == all_files(out)
 
 
-@pytest.mark.parametrize("write, expected", [
-    (lambda p: p.write_text('{"images": [], "annotations": [\n{"image_id": 1,}]}'),
-     r"captions\.json: not valid JSON at line 2, column \d+"),
-    (lambda p: p.write_text('{"images": [{"id": 1}], "annotations": []}'),
-     r"captions\.json: images\[0\] has no 'file_name'"),
-    (lambda p: p.write_text('{"annotations": []}'), r"captions\.json has no 'images'"),
-])
+@pytest.mark.parametrize(
+    "write, expected",
+    [
+        (
+            lambda p: p.write_text('{"images": [], "annotations": [\n{"image_id": 1,}]}'),
+            r"captions\.json: not valid JSON at line 2, column \d+",
+        ),
+        (
+            lambda p: p.write_text('{"images": [{"id": 1}], "annotations": []}'),
+            r"captions\.json: images\[0\] has no 'file_name'",
+        ),
+        (lambda p: p.write_text('{"annotations": []}'), r"captions\.json has no 'images'"),
+    ],
+)
 def test_a_coco_file_that_cannot_be_parsed_is_an_error_naming_the_file_and_place(tmp_path, write, expected):
     write(tmp_path / "captions.json")
     with pytest.raises(SourceError, match=expected):
@@ -345,8 +403,11 @@ def test_a_table_without_the_caption_column_is_an_error_naming_file_and_columns(
 def test_an_image_in_the_tables_of_two_splits_is_an_error_naming_both(tmp_path):
     (tmp_path / "train.csv").write_text("image,caption\n0.jpg,a dog\n1.jpg,a cat\n")
     (tmp_path / "val.csv").write_text("image,caption\n1.jpg,a cat on a mat\n2.jpg,a bird\n")
-    with pytest.raises(SourceError, match=r"val\.csv: 1\.jpg is in split 'val' here and in 'train' in .*train\.csv; "
-                                          "an image must be in one split only"):
+    with pytest.raises(
+        SourceError,
+        match=r"val\.csv: 1\.jpg is in split 'val' here and in 'train' in .*train\.csv; "
+        "an image must be in one split only",
+    ):
         read_table([("train", tmp_path / "train.csv"), ("val", tmp_path / "val.csv")], None, "image", "caption")
 
 
@@ -357,6 +418,7 @@ def test_a_karpathy_entry_without_sentences_is_an_error_naming_it(tmp_path):
 
 
 # ----------------------------------------------------------------------------- interrupted and repeated
+
 
 def test_a_build_replacing_an_earlier_one_removes_the_feature_caches_made_from_it(tmp_path):
     Image.new("RGB", (16, 16)).save(tmp_path / "a.jpg")
@@ -371,12 +433,33 @@ def test_a_build_replacing_an_earlier_one_removes_the_feature_caches_made_from_i
 def test_same_inputs_and_options_give_byte_identical_shards(flickr):
     """Once here in one process, once through the command line in another (another hash seed) with a pool."""
     first = build(flickr_source(flickr), flickr["tmp"] / "first", workers=1, resize=128, quality=80)
-    command = [sys.executable, "-m", "imcap.cli", "shards", "build", "flickr", str(flickr["tmp"] / "second"),
-               "--captions", str(flickr["captions_file"]), "--images", str(flickr["images"]),
-               *(a for split, path in flickr["lists"].items() for a in ("--split", split, str(path))),
-               "--resize", "128", "--quality", "80", "--shard-size", "16", "--min-word-count", "1", "--workers", "2"]
-    done = subprocess.run(command, cwd=ROOT, env={**run_env(), "PYTHONHASHSEED": "12345"}, capture_output=True,
-                          text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "imcap.cli",
+        "shards",
+        "build",
+        "flickr",
+        str(flickr["tmp"] / "second"),
+        "--captions",
+        str(flickr["captions_file"]),
+        "--images",
+        str(flickr["images"]),
+        *(a for split, path in flickr["lists"].items() for a in ("--split", split, str(path))),
+        "--resize",
+        "128",
+        "--quality",
+        "80",
+        "--shard-size",
+        "16",
+        "--min-word-count",
+        "1",
+        "--workers",
+        "2",
+    ]
+    done = subprocess.run(
+        command, cwd=ROOT, env={**run_env(), "PYTHONHASHSEED": "12345"}, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert "train: 40 images, 200 captions, 3 shards" in done.stdout
 
@@ -403,8 +486,13 @@ def write_source_tar(path: Path, flickr, count: int) -> list[int]:
     with TarShard(path) as shard:
         for name in sorted(flickr["captions"])[:count]:
             captions = flickr["captions"][name]
-            shard.write({"__key__": Path(name).stem, "jpg": (flickr["images"] / name).read_bytes(),
-                         "json": json.dumps({"captions": captions}).encode()})
+            shard.write(
+                {
+                    "__key__": Path(name).stem,
+                    "jpg": (flickr["images"] / name).read_bytes(),
+                    "json": json.dumps({"captions": captions}).encode(),
+                }
+            )
             ends.append(shard.file.tell())
     return ends
 
@@ -438,17 +526,32 @@ def test_a_build_killed_mid_way_leaves_no_complete_looking_shard_and_a_rerun_com
     (tmp / "fifo").mkdir()
     os.mkfifo(tmp / "fifo" / "train-000000.tar")
     out = tmp / "out"
-    command = [sys.executable, "-m", "imcap.cli", "shards", "build", "webdataset", str(out),
-               "--split", "train", str(tmp / "fifo"), "--shard-size", "4", "--workers", "2"]
-    process = subprocess.Popen(command, cwd=ROOT, env=run_env(), start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "imcap.cli",
+        "shards",
+        "build",
+        "webdataset",
+        str(out),
+        "--split",
+        "train",
+        str(tmp / "fifo"),
+        "--shard-size",
+        "4",
+        "--workers",
+        "2",
+    ]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=run_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     fifo = None
     try:
         fifo = wait_for(lambda: open_for_writing(tmp / "fifo" / "train-000000.tar"), process, "FIFO opened")
         os.set_blocking(fifo, True)
-        unsent = memoryview((tmp / "input" / "train-000000.tar").read_bytes()[:ends[22]])
+        unsent = memoryview((tmp / "input" / "train-000000.tar").read_bytes()[: ends[22]])
         while unsent:
-            unsent = unsent[os.write(fifo, unsent):]
+            unsent = unsent[os.write(fifo, unsent) :]
         sixth = [out / ".train-000005.tar.tmp", out / "train-000005.tar"]  # its name under the build's rules, or not
         wait_for(lambda: any(p.exists() for p in sixth), process, "sixth shard started")
     finally:
@@ -469,6 +572,7 @@ def test_a_build_killed_mid_way_leaves_no_complete_looking_shard_and_a_rerun_com
 
 
 # ---------------------------------------------------------------------------------------------- check
+
 
 def write_noise_shards(directory: Path, images: int = 12) -> list[bytes]:
     """Noise PNGs with one caption each, in shards of 4, with sizes.json; -> the PNG bytes."""
@@ -524,6 +628,7 @@ def test_check_reports_counts_that_disagree_with_sizes_json_and_fix_sizes_rewrit
 
 # ------------------------------------------------------------------------------ img2dataset shards
 
+
 def write_img2dataset_shards(directory: Path) -> dict[str, tuple[bytes, str | None]]:
     """Two shards as img2dataset writes them (webdataset's TarWriter, 00000.tar, key.jpg/.txt/.json,
     00000_stats.json, no sizes.json); one image had no caption (null in the JSON, empty txt)."""
@@ -536,9 +641,18 @@ def write_img2dataset_shards(directory: Path) -> dict[str, tuple[bytes, str | No
                 key = f"{shard:05d}{i:04d}"
                 jpg = image_bytes(Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)), "JPEG")
                 caption = None if key == "000010003" else f"a noisy picture number {key}"
-                meta = {"url": f"https://example.com/{key}.jpg", "caption": caption, "key": key, "status": "success",
-                        "error_message": None, "width": 28, "height": 20, "original_width": 28,
-                        "original_height": 20, "exif": "{}"}
+                meta = {
+                    "url": f"https://example.com/{key}.jpg",
+                    "caption": caption,
+                    "key": key,
+                    "status": "success",
+                    "error_message": None,
+                    "width": 28,
+                    "height": 20,
+                    "original_width": 28,
+                    "original_height": 20,
+                    "exif": "{}",
+                }
                 tar.write({"__key__": key, "jpg": jpg, "txt": caption or "", "json": json.dumps(meta, indent=4)})
                 written[key] = (jpg, caption)
         (directory / f"{shard:05d}_stats.json").write_text(json.dumps({"count": 5, "successes": 5}))
@@ -558,8 +672,7 @@ def test_img2dataset_shards_are_read_by_the_trainer_once_check_fixes_their_sizes
     captioned = {k: c for k, (_, c) in written.items() if c}
     assert sorted(split_captions(shards)) == sorted(captioned.values())
     vocab = Vocabulary.build(captioned.values(), 1)
-    [batch] = make_eval_loader(shards, Collate(vocab, 10, 1), batch_size=16, image_size=32,
-                          max_images=0, num_workers=0)
+    [batch] = make_eval_loader(shards, Collate(vocab, 10, 1), batch_size=16, image_size=32, max_images=0, num_workers=0)
     assert sorted(batch.image_ids) == sorted(captioned) and batch.skipped == 1
 
 
@@ -585,4 +698,5 @@ def test_a_caption_json_that_is_not_utf8_is_left_out_of_a_reshard_and_reported_w
 
     assert sorted(shard_samples(tmp_path / "out")) == ["good"]
     assert [(p["reason"], p["file"]) for p in report["problems"]] == [
-        ("unreadable caption JSON", f"{tmp_path / '00000.tar'}:{key}") for key in ("latin1", "latin1txt")]
+        ("unreadable caption JSON", f"{tmp_path / '00000.tar'}:{key}") for key in ("latin1", "latin1txt")
+    ]

@@ -4,6 +4,7 @@ The cluster (munge, slurmctld, slurmd "nodes" n1 and n2 on this machine) is star
 tests/slurm/start_cluster.sh. Without it these tests are skipped, saying so; with IMCAP_REQUIRE_SLURM=1
 (as in .ci/run) they fail instead. Jobs train on CPUs (IMCAP_CPU=1), with gloo over loopback.
 """
+
 import json
 import os
 import re
@@ -14,22 +15,34 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, free_port, run_env, tiny_overrides
 
 pytestmark = pytest.mark.slurm
 
 CLUSTER = Path(os.environ.get("IMCAP_SLURM_DIR", "/tmp/imcap-slurm"))
 NODE_STATES_UP = {"idle", "mixed", "allocated", "completing"}
-JOB_ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-             "PREEMPTED"}
+JOB_ENDED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 @pytest.fixture(scope="module")
 def slurm_env() -> dict:
     """The environment for sbatch and scontrol: the test cluster's config, this interpreter's accelerate."""
-    env = {**run_env(), "SLURM_CONF": str(CLUSTER / "slurm.conf"), "IMCAP_CPU": "1",
-           "IMCAP_ACCELERATE": str(Path(sys.executable).parent / "accelerate")}
+    env = {
+        **run_env(),
+        "SLURM_CONF": str(CLUSTER / "slurm.conf"),
+        "IMCAP_CPU": "1",
+        "IMCAP_ACCELERATE": str(Path(sys.executable).parent / "accelerate"),
+    }
     problem = cluster_problem(env)
     if problem:
         message = f"{problem}; start it with tests/slurm/start_cluster.sh (as root)"
@@ -47,7 +60,8 @@ def cluster_problem(env: dict) -> str | None:
     sinfo = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=env, capture_output=True, text=True, timeout=60)
     states = dict(line.split() for line in sinfo.stdout.splitlines())
     if sinfo.returncode or not all(states.get(node, "").rstrip("*") in NODE_STATES_UP for node in ("n1", "n2")):
-        return f"the Slurm test cluster at {env['SLURM_CONF']} has no nodes n1 and n2 up (sinfo: {sinfo.stdout}{sinfo.stderr})"
+        found = f"{sinfo.stdout}{sinfo.stderr}"
+        return f"the Slurm test cluster at {env['SLURM_CONF']} has no nodes n1 and n2 up (sinfo: {found})"
     return None
 
 
@@ -64,8 +78,9 @@ def sbatch(env: dict, jobs: list, *args: str) -> str:
     """sbatch *args in the project's root; the job's id. The job's rendezvous port (IMCAP_PORT) is one free
     now, not slurm/common.sh's 20000 + job id: every fresh test cluster numbers its jobs from 1 again."""
     command = ["sbatch", "--parsable", *args]
-    submitted = subprocess.run(command, cwd=ROOT, env={"IMCAP_PORT": str(free_port()), **env}, capture_output=True,
-                               text=True)
+    submitted = subprocess.run(
+        command, cwd=ROOT, env={"IMCAP_PORT": str(free_port()), **env}, capture_output=True, text=True
+    )
     assert submitted.returncode == 0, f"{' '.join(command)} failed: {submitted.stderr}"
     jobs.append(submitted.stdout.strip().split(";")[0])
     return jobs[-1]
@@ -73,8 +88,9 @@ def sbatch(env: dict, jobs: list, *args: str) -> str:
 
 def job(env: dict, job_id: str) -> dict:
     """`scontrol show job` as a dict: JobState, Restarts, ExitCode, ..."""
-    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True, check=True
+    ).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
@@ -95,8 +111,9 @@ def ended(env: dict, job_id: str) -> dict:
 
 def job_overrides(shards: Path, runs: Path, *extra: str) -> list[str]:
     """The tiny demo run, every step logged, the evaluations small."""
-    return tiny_overrides(shards, runs, "train.log_every=1", "eval.max_images=8",
-                          "model.encoder.feature_stats_images=0", *extra)
+    return tiny_overrides(
+        shards, runs, "train.log_every=1", "eval.max_images=8", "model.encoder.feature_stats_images=0", *extra
+    )
 
 
 def logged_steps(run: Path) -> list[int]:
@@ -129,8 +146,9 @@ TWO_NODES = ("slurm/multinode.sbatch", ["--nodes=2", "--cpus-per-task=1"], {})
 def test_one_node_job_trains_two_cpu_processes_to_the_end_and_is_not_requeued(slurm_env, jobs, demo_shards, tmp_path):
     script, resources, settings = ONE_NODE
     log = tmp_path / "job.out"
-    job_id = sbatch({**slurm_env, **settings}, jobs, *resources, f"--output={log}", script,
-                    *job_overrides(demo_shards, tmp_path))
+    job_id = sbatch(
+        {**slurm_env, **settings}, jobs, *resources, f"--output={log}", script, *job_overrides(demo_shards, tmp_path)
+    )
     info = ended(slurm_env, job_id)
     assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "0", "0:0"), readable(log)[-6000:]
     run = tmp_path / "tiny"
@@ -139,13 +157,23 @@ def test_one_node_job_trains_two_cpu_processes_to_the_end_and_is_not_requeued(sl
     assert (run / "config.yaml").exists()
 
 
-def test_two_node_job_gives_each_node_its_machine_rank_and_trains_one_world_of_two(slurm_env, jobs, demo_shards, tmp_path):
+def test_two_node_job_gives_each_node_its_machine_rank_and_trains_one_world_of_two(
+    slurm_env, jobs, demo_shards, tmp_path
+):
     """Asked as a site might: tasks as for one per GPU (3: n1 gets 2 CPUs, n2 1) and only some variables
     exported. The job still runs one launcher per node, with all of that node's CPUs and its settings."""
     log = tmp_path / "job.out"
-    job_id = sbatch(slurm_env, jobs, "--nodes=2", "--ntasks=3", "--ntasks-per-node=2",
-                    "--export=IMCAP_CPU,IMCAP_ACCELERATE,IMCAP_PORT,OMP_NUM_THREADS,PYTHONUNBUFFERED", f"--output={log}",
-                    "slurm/multinode.sbatch", *job_overrides(demo_shards, tmp_path))
+    job_id = sbatch(
+        slurm_env,
+        jobs,
+        "--nodes=2",
+        "--ntasks=3",
+        "--ntasks-per-node=2",
+        "--export=IMCAP_CPU,IMCAP_ACCELERATE,IMCAP_PORT,OMP_NUM_THREADS,PYTHONUNBUFFERED",
+        f"--output={log}",
+        "slurm/multinode.sbatch",
+        *job_overrides(demo_shards, tmp_path),
+    )
     info = ended(slurm_env, job_id)
     text = readable(log)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-6000:]
@@ -163,13 +191,22 @@ def test_two_node_job_gives_each_node_its_machine_rank_and_trains_one_world_of_t
 
 @pytest.mark.parametrize("script, resources, settings", [ONE_NODE, TWO_NODES], ids=["one-node", "two-nodes"])
 def test_preemption_signal_saves_requeues_and_the_job_resumes_to_the_end_training_no_step_twice(
-        slurm_env, jobs, script, resources, settings, demo_shards, tmp_path):
+    slurm_env, jobs, script, resources, settings, demo_shards, tmp_path
+):
     log, run = tmp_path / "job.out", tmp_path / "tiny"
-    job_id = sbatch({**slurm_env, **settings}, jobs, *resources, f"--output={log}", script,
-                    *job_overrides(demo_shards, tmp_path, "train.epochs=2"))
+    job_id = sbatch(
+        {**slurm_env, **settings},
+        jobs,
+        *resources,
+        f"--output={log}",
+        script,
+        *job_overrides(demo_shards, tmp_path, "train.epochs=2"),
+    )
 
     def training_at_step_3():
-        assert job(slurm_env, job_id)["JobState"] not in JOB_ENDED, f"the job ended before it could be signalled:\n{readable(log)[-6000:]}"
+        assert job(slurm_env, job_id)["JobState"] not in JOB_ENDED, (
+            f"the job ended before it could be signalled:\n{readable(log)[-6000:]}"
+        )
         return any(step >= 3 for step in logged_steps(run))
 
     wait_for(training_at_step_3, "step 3")

@@ -19,7 +19,9 @@ def test_encode_decode_round_trip_and_unknown_words(tmp_path):
     assert ids[0] == vocab.start and ids[-1] == vocab.end
     assert vocab.decode(ids) == "a red square on the left"
     assert vocab.decode(vocab.encode("a green circle", 20)) == "a <unk> circle"
-    assert vocab.encode("a red circle on the left", max_length=3)[1:-1] == [vocab.index[w] for w in "a red circle".split()]
+    assert vocab.encode("a red circle on the left", max_length=3)[1:-1] == [
+        vocab.index[w] for w in "a red circle".split()
+    ]
     vocab.save(tmp_path / "vocab.json")
     assert Vocabulary.load(tmp_path / "vocab.json") == vocab
 

@@ -5,6 +5,7 @@ reference code (pycocoevalcap) after PTB tokenisation, as the papers report them
     metric = evaluate.load(imcap.metrics.METRIC_MODULE)   # a local path: works offline
     metric.compute(predictions=["a dog runs"], references=[["a dog is running", "a brown dog runs"]])
 """
+
 import datasets
 import evaluate
 
@@ -28,9 +29,12 @@ author={Chen, Xinlei and Fang, Hao and Lin, Tsung-Yi and others}, journal={arXiv
 class CaptionMetrics(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS,
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Sequence(datasets.Value("string"))}),
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS,
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
+            ),
         )
 
     def _compute(self, predictions, references):

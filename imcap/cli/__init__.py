@@ -27,8 +27,16 @@ def cmd_eval(args) -> None:
     from imcap.evaluation import evaluate_model
 
     out = args.out or str(Path(args.model) / f"eval-{args.split}")
-    scores = evaluate_model(args.model, args.split, out, args.shards, args.cpu, beam_size=args.beam_size,
-                            max_images=args.max_images, batch_size=args.batch_size)
+    scores = evaluate_model(
+        args.model,
+        args.split,
+        out,
+        args.shards,
+        args.cpu,
+        beam_size=args.beam_size,
+        max_images=args.max_images,
+        batch_size=args.batch_size,
+    )
     print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
 
 
@@ -56,8 +64,10 @@ def cmd_features(args) -> None:
     estimate_batchnorm(model, data, cfg, acc)  # with the same BatchNorm statistics
     out = Path(args.out or cache_dir_for(cfg.data.shards, model.encoder, cfg.data.image_size))
     cached = build_feature_cache(model, cfg, acc, out, args.batch_size, args.dtype)
-    print(f"{cached} images cached in {out}; train from it with data.shards={out} "
-          f"(or data.feature_cache=true, which finds it)")
+    print(
+        f"{cached} images cached in {out}; train from it with data.shards={out} "
+        f"(or data.feature_cache=true, which finds it)"
+    )
 
 
 def cmd_export(args) -> None:
@@ -73,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imcap", description="Train and use Show, Attend and Tell captioners.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train as a config says (for several processes use `accelerate launch launch/train.py`)")
+    p = sub.add_parser(
+        "train", help="train as a config says (for several processes use `accelerate launch launch/train.py`)"
+    )
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lr=3e-4")
     p.set_defaults(func=cmd_train)
@@ -100,14 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a run, checkpoint or export directory")
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--attention-maps", default=None, metavar="DIR", help="write one PNG per image here")
-    p.add_argument("--json", default=None, metavar="FILE",
-                   help="write one JSON object per image here (JSON Lines): file, caption, words, attention "
-                        "(per word, the weight of each region, row by row) and grid ([rows, columns])")
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="FILE",
+        help="write one JSON object per image here (JSON Lines): file, caption, words, attention "
+        "(per word, the weight of each region, row by row) and grid ([rows, columns])",
+    )
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("features", help="the frozen-feature cache")
     p = p.add_subparsers(dest="features_command", required=True).add_parser(
-        "build", help="run the frozen part of a config's encoder once over its shards and cache the output")
+        "build", help="run the frozen part of a config's encoder once over its shards and cache the output"
+    )
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", help="dotted key=value")
     p.add_argument("--out", default=None, help="default: <data.shards>/features/<digest of the frozen weights>")

@@ -73,8 +73,13 @@ class Batch:
 
     def select(self, keep: list[int], inputs: Inputs, skipped: int) -> Batch:
         """The samples at `keep`, with their new inputs, and `skipped` more samples counted as dropped."""
-        return Batch(self.captions[keep], inputs, [self.references[i] for i in keep],
-                     [self.image_ids[i] for i in keep], self.skipped + skipped)
+        return Batch(
+            self.captions[keep],
+            inputs,
+            [self.references[i] for i in keep],
+            [self.image_ids[i] for i in keep],
+            self.skipped + skipped,
+        )
 
 
 @dataclass

@@ -20,10 +20,11 @@ import multiprocessing
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 from PIL import Image
 from tqdm import tqdm
@@ -48,6 +49,7 @@ class BuildOptions:
 
 
 # ------------------------------------------------------------------------------------------ one record
+
 
 class Encoded(NamedTuple):
     sample: dict | None  # None: the image was left out
@@ -93,8 +95,12 @@ def encode_record(record: Record, resize: int, quality: int) -> Encoded:
     except _ImageProblem as e:
         return Encoded(None, [], problems + [Problem(e.reason, record.origin, e.detail)])
     meta = {"image_id": record.image_id, "captions": captions}
-    sample = {"__key__": record.key, ext: data, "txt": captions[0].encode("utf-8"),
-              "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+    sample = {
+        "__key__": record.key,
+        ext: data,
+        "txt": captions[0].encode("utf-8"),
+        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+    }
     return Encoded(sample, captions, problems)
 
 
@@ -145,6 +151,7 @@ def stored_image(data: bytes, resize: int, quality: int) -> tuple[str, bytes]:
 
 # ------------------------------------------------------------------------------------------- the build
 
+
 def build_shards(source: Source, out_dir: str | Path, options: BuildOptions, workers: int = 1) -> dict:
     """Write the source's splits as shards into out_dir, replacing an earlier build there; -> the report."""
     out_dir = Path(out_dir)
@@ -161,8 +168,9 @@ def build_shards(source: Source, out_dir: str | Path, options: BuildOptions, wor
             reader_problems, image_problems = [], []  # apart: the pool's feeder thread fills the first
             with ShardWriter(out_dir, split, max_samples=max_samples, max_bytes=options.shard_bytes) as writer:
                 results = ordered_map(encode, _unique_records(items, reader_problems))
-                for sample, sample_captions, sample_problems in tqdm(results, total=total, desc=split,
-                                                                     unit="img", disable=None):
+                for sample, sample_captions, sample_problems in tqdm(
+                    results, total=total, desc=split, unit="img", disable=None
+                ):
                     image_problems += sample_problems
                     if sample is None:
                         continue
@@ -177,10 +185,14 @@ def build_shards(source: Source, out_dir: str | Path, options: BuildOptions, wor
         vocab = Vocabulary.build(train_captions, options.min_word_count)
         vocab.save(out_dir / VOCAB_FILE)
         vocabulary = {"words": len(vocab), "min_word_count": options.min_word_count}
-    report = {"source": source.description, "options": asdict(options), "splits": splits,
-              "vocabulary": vocabulary,
-              "problems_by_reason": dict(sorted(Counter(p.reason for p in problems).items())),
-              "problems": [{"reason": p.reason, "file": p.origin, "detail": p.detail} for p in problems]}
+    report = {
+        "source": source.description,
+        "options": asdict(options),
+        "splits": splits,
+        "vocabulary": vocabulary,
+        "problems_by_reason": dict(sorted(Counter(p.reason for p in problems).items())),
+        "problems": [{"reason": p.reason, "file": p.origin, "detail": p.detail} for p in problems],
+    }
     atomic_write(out_dir / REPORT_FILE, json.dumps(report, indent=1, ensure_ascii=False))
     return report
 
@@ -225,19 +237,25 @@ def ordered_pool(workers: int):
 
 
 def build_summary(report: dict, out_dir: Path, seconds: float) -> str:
-    lines = [f"{split}: {s['images']} images, {s['captions']} captions, {s['shards']} shards"
-             for split, s in report["splits"].items()]
+    lines = [
+        f"{split}: {s['images']} images, {s['captions']} captions, {s['shards']} shards"
+        for split, s in report["splits"].items()
+    ]
     images = sum(s["images"] for s in report["splits"].values())
     lines.append(f"{images} images in {seconds:.1f} s ({images / max(seconds, 1e-9):.0f} images/s) into {out_dir}")
     if report["vocabulary"]:
-        lines.append(f"vocabulary: {report['vocabulary']['words']} words seen at least "
-                     f"{report['vocabulary']['min_word_count']} times in {TRAIN_SPLIT} captions ({VOCAB_FILE})")
+        lines.append(
+            f"vocabulary: {report['vocabulary']['words']} words seen at least "
+            f"{report['vocabulary']['min_word_count']} times in {TRAIN_SPLIT} captions ({VOCAB_FILE})"
+        )
     else:
         lines.append(f"no {TRAIN_SPLIT!r} split: no {VOCAB_FILE} written")
     if report["problems"]:
         lines.append("left out: " + ", ".join(f"{n} x {reason}" for reason, n in report["problems_by_reason"].items()))
-        lines += [f"  {p['reason']}: {p['file']}" + (f" ({p['detail']})" if p["detail"] else "")
-                  for p in report["problems"][:10]]
+        lines += [
+            f"  {p['reason']}: {p['file']}" + (f" ({p['detail']})" if p["detail"] else "")
+            for p in report["problems"][:10]
+        ]
         if len(report["problems"]) > 10:
             lines.append(f"  ... {len(report['problems']) - 10} more")
     lines.append(f"every problem is listed in {out_dir / REPORT_FILE}")

@@ -39,8 +39,9 @@ def check_shards(spec: str, workers: int = 1, fix_sizes: bool = False) -> tuple[
     -> (problems, each naming its shard and where possible its key; a summary line)."""
     shards = list_shards(spec)  # every .tar of a directory, any split
     with ordered_pool(min(workers, len(shards))) as ordered_map:
-        checks = list(tqdm(ordered_map(check_shard, shards), total=len(shards), desc="check", unit="shard",
-                           disable=None))
+        checks = list(
+            tqdm(ordered_map(check_shard, shards), total=len(shards), desc="check", unit="shard", disable=None)
+        )
     problems = []
     for check in checks:
         problems += [f"{check.shard}: key {key}: {reason}" for key, reason in check.bad]
@@ -63,12 +64,19 @@ def check_shards(spec: str, workers: int = 1, fix_sizes: bool = False) -> tuple[
         if fix_sizes and wrong:
             update_sizes(directory, counts)
             continue
-        problems += [f"{directory / name}: {directory / SIZES_FILE} " +
-                     (f"says {sizes[name]} samples, the shard holds {n}" if name in sizes else
-                      f"has no entry (the shard holds {n} samples); run `imcap shards check --fix-sizes`")
-                     for name, n in wrong]
+        problems += [
+            f"{directory / name}: {directory / SIZES_FILE} "
+            + (
+                f"says {sizes[name]} samples, the shard holds {n}"
+                if name in sizes
+                else f"has no entry (the shard holds {n} samples); run `imcap shards check --fix-sizes`"
+            )
+            for name, n in wrong
+        ]
     bad = sum(len(c.bad) for c in checks)
-    summary = (f"checked {len(shards)} shards, {sum(c.samples for c in checks)} samples: {bad} bad samples, "
-               f"{sum(bool(c.unreadable) for c in checks)} unreadable shards, {wrong_sizes} sample counts "
-               + ("fixed in sizes.json" if fix_sizes else "missing from or wrong in sizes.json"))
+    summary = (
+        f"checked {len(shards)} shards, {sum(c.samples for c in checks)} samples: {bad} bad samples, "
+        f"{sum(bool(c.unreadable) for c in checks)} unreadable shards, {wrong_sizes} sample counts "
+        + ("fixed in sizes.json" if fix_sizes else "missing from or wrong in sizes.json")
+    )
     return problems, summary

@@ -11,6 +11,7 @@ There are 7,920 scenes. The val scenes are distinct and never drawn in train, so
 the first form was seen in training; train draws the others in a shuffled order, each again
 (rendered anew) once all were drawn.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,8 +27,14 @@ from imcap.data.shards import write_split
 from imcap.text import VOCAB_FILE, Vocabulary
 
 SIZES = ("small", "large")
-COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235),
-           "yellow": (235, 220, 40), "white": (235, 235, 235), "purple": (150, 60, 200)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 235),
+    "yellow": (235, 220, 40),
+    "white": (235, 235, 235),
+    "purple": (150, 60, 200),
+}
 KINDS = ("square", "bar", "pillar")  # a square, a wide and a tall rectangle
 PLACES = ("at the top left", "at the top right", "at the bottom left", "at the bottom right")  # reading order
 TRAIN_IMAGES, VAL_IMAGES, IMAGE_SIZE, SHARD_SAMPLES = 5000, 500, 128, 625
@@ -51,8 +58,10 @@ def captions_for(scene: tuple) -> list[str]:
 
     One order only: with both orders as references, which shape comes first is a coin toss that greedy
     decoding answers with a mix of both shapes' words."""
-    shapes = [(f"a {size} {colour} {kind}", PLACES[cell])
-              for cell, (size, colour, kind) in ((c, s) for c, s in enumerate(scene) if s is not None)]
+    shapes = [
+        (f"a {size} {colour} {kind}", PLACES[cell])
+        for cell, (size, colour, kind) in ((c, s) for c, s in enumerate(scene) if s is not None)
+    ]
     in_reading_order = " and ".join(f"{p} {where}" for p, where in shapes)
     names_only = "there is " + " and ".join(p for p, _ in shapes)
     return [in_reading_order, names_only]
@@ -86,13 +95,23 @@ def _samples(split: str, scenes: list[tuple], size: int, seed: int):
         render(scene, size, rng).save(png, format="PNG")
         captions = captions_for(scene)
         key = f"{split}_{i:06d}"
-        yield {"__key__": key, "png": png.getvalue(), "txt": captions[0].encode(),
-               "json": json.dumps({"image_id": key, "captions": captions}).encode()}
+        yield {
+            "__key__": key,
+            "png": png.getvalue(),
+            "txt": captions[0].encode(),
+            "json": json.dumps({"image_id": key, "captions": captions}).encode(),
+        }
 
 
-def build_demo(out_dir: str | Path, train_images: int = TRAIN_IMAGES, val_images: int = VAL_IMAGES,
-               image_size: int = IMAGE_SIZE, shard_samples: int = SHARD_SAMPLES, seed: int = 0,
-               min_word_count: int = 1) -> Path:
+def build_demo(
+    out_dir: str | Path,
+    train_images: int = TRAIN_IMAGES,
+    val_images: int = VAL_IMAGES,
+    image_size: int = IMAGE_SIZE,
+    shard_samples: int = SHARD_SAMPLES,
+    seed: int = 0,
+    min_word_count: int = 1,
+) -> Path:
     """Write train and val shards of the demo set (deterministic in all arguments), sizes.json and,
     last, the vocabulary of the train captions."""
     out_dir = Path(out_dir)

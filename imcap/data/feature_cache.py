@@ -22,8 +22,17 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from imcap.data.samples import Sample, SampleError, decode_sample
-from imcap.data.shards import (FEATURES_DIR, SIZES_FILE, DataError, TarShard, atomic_write, list_shards, read_shard,
-                               read_sizes, update_sizes)
+from imcap.data.shards import (
+    FEATURES_DIR,
+    SIZES_FILE,
+    DataError,
+    TarShard,
+    atomic_write,
+    list_shards,
+    read_shard,
+    read_sizes,
+    update_sizes,
+)
 from imcap.data.streams import Part
 from imcap.model.encoder import EncoderCNN
 from imcap.text import VOCAB_FILE
@@ -68,12 +77,21 @@ def check_cache(cache_dir: str | Path, encoder: EncoderCNN, image_size: int, wei
             f"{Path(cache_dir) / CACHE_FILE}: these cached features were made with another encoder "
             f"(weights {meta['weights']}, image size {meta['image_size']}, train_layer4 {meta['train_layer4']}; "
             f"now weights {weights}, image size {image_size}, train_layer4 {encoder.train_layer4}, or "
-            f"different weight values). Rebuild the cache (`imcap features build`) or train from images.")
+            f"different weight values). Rebuild the cache (`imcap features build`) or train from images."
+        )
 
 
 @torch.no_grad()
-def build_cache_shards(encoder: EncoderCNN, source: str, splits: list[str], out_dir: str | Path, image_size: int,
-                       batch_size: int, dtype: str = "bf16", part: Part = Part()) -> dict[str, int]:
+def build_cache_shards(
+    encoder: EncoderCNN,
+    source: str,
+    splits: list[str],
+    out_dir: str | Path,
+    image_size: int,
+    batch_size: int,
+    dtype: str = "bf16",
+    part: Part = Part(),
+) -> dict[str, int]:
     """Write this process's share of the cache shards (every world_size-th), on the encoder's device;
     returns their sizes.
 
@@ -122,15 +140,24 @@ def _write_batch(tar: TarShard, batch: list[tuple[str, Sample]], encoder: Encode
     images = torch.stack([sample.pixels for _, sample in batch]).to(device)
     features = encoder.frozen_features(images).to(dtype).cpu()  # (B, C, h, w)
     for (key, sample), feature in zip(batch, features):
-        tar.write({
-            "__key__": key,
-            "safetensors": save_safetensors({"features": feature.contiguous()}),
-            "json": json.dumps({"image_id": sample.image_id, "captions": sample.captions}).encode(),
-        })
+        tar.write(
+            {
+                "__key__": key,
+                "safetensors": save_safetensors({"features": feature.contiguous()}),
+                "json": json.dumps({"image_id": sample.image_id, "captions": sample.captions}).encode(),
+            }
+        )
 
 
-def finish_cache(out_dir: str | Path, source: str, sizes: dict[str, int], encoder: EncoderCNN, image_size: int,
-                 weights: str, dtype: str) -> None:
+def finish_cache(
+    out_dir: str | Path,
+    source: str,
+    sizes: dict[str, int],
+    encoder: EncoderCNN,
+    image_size: int,
+    weights: str,
+    dtype: str,
+) -> None:
     """Record sizes, the source's vocabulary and what the cache was made with and from; only then is it
     complete. Cache shards not in sizes (of source shards removed since) are removed."""
     for leftover in Path(out_dir).glob("*.tar"):
@@ -140,8 +167,14 @@ def finish_cache(out_dir: str | Path, source: str, sizes: dict[str, int], encode
     update_sizes(out_dir, sizes)
     if (Path(source) / VOCAB_FILE).exists():
         shutil.copyfile(Path(source) / VOCAB_FILE, Path(out_dir) / VOCAB_FILE)
-    meta = {"digest": encoder_digest(encoder, image_size), "weights": weights, "image_size": image_size,
-            "train_layer4": encoder.train_layer4, "dtype": dtype, "shards": shards_fingerprint(source)}
+    meta = {
+        "digest": encoder_digest(encoder, image_size),
+        "weights": weights,
+        "image_size": image_size,
+        "train_layer4": encoder.train_layer4,
+        "dtype": dtype,
+        "shards": shards_fingerprint(source),
+    }
     atomic_write(Path(out_dir) / CACHE_FILE, json.dumps(meta, indent=1))  # last: it marks the cache complete
 
 
@@ -153,7 +186,8 @@ def cache_is_complete(cache_dir: str | Path, source: str) -> bool:
     """Finished (cache.json is written last), from the shards now at source."""
     meta = read_cache_meta(cache_dir)
     if _made_from_other_shards(meta, source):
-        log.warning("%s was made from other shards than those now at %s (rebuilt since): building it again",
-                    cache_dir, source)
+        log.warning(
+            "%s was made from other shards than those now at %s (rebuilt since): building it again", cache_dir, source
+        )
         return False
     return meta is not None and (Path(cache_dir) / SIZES_FILE).exists()

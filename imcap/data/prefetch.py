@@ -30,9 +30,9 @@ _END = object()
 
 
 class DeviceBatches:
-    """Iterates `batches` as batches on `device` (to_device). `ahead` batches are prepared early in a thread (default: 2 on a GPU, none on a CPU);
-    an error in the loader or in decoding is raised here, in the training thread. Use it as a context
-    manager, so that the thread stops with the loop."""
+    """Iterates `batches` as batches on `device` (to_device). `ahead` batches are prepared early in a
+    thread (default: 2 on a GPU, none on a CPU); an error in the loader or in decoding is raised here,
+    in the training thread. Use it as a context manager, so that the thread stops with the loop."""
 
     def __init__(self, batches: Iterable[Batch], device, ahead: int | None = None):
         self.device = torch.device(device)
@@ -151,8 +151,9 @@ def decode_jpegs(batch: Batch, device) -> Batch:
                 jpeg = Image.open(io.BytesIO(packed.data[starts[i] : ends[i]].numpy().tobytes())).convert("RGB")
                 image = place(jpeg, (w, h, left, top), size).to(device)
             except Exception as e:  # what a worker's decode would have skipped
-                log.warning("skipping sample %s: its JPEG decodes neither on %s nor with PIL: %s",
-                            batch.image_ids[i], device, e)
+                log.warning(
+                    "skipping sample %s: its JPEG decodes neither on %s nor with PIL: %s", batch.image_ids[i], device, e
+                )
                 continue
         out.append(image)
         keep.append(i)

@@ -8,8 +8,8 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import webdataset as wds
 
@@ -163,9 +163,9 @@ def read_sizes(shard_dir: str | Path) -> dict[str, int]:
     try:
         sizes = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); expected {{\"<shard>.tar\": <samples>, ...}}") from None
+        raise ValueError(f'{path} is not valid JSON ({e}); expected {{"<shard>.tar": <samples>, ...}}') from None
     if not isinstance(sizes, dict) or not all(isinstance(v, int) for v in sizes.values()):
-        raise ValueError(f"{path} must map shard file names to sample counts, e.g. {{\"train-000000.tar\": 1000}}")
+        raise ValueError(f'{path} must map shard file names to sample counts, e.g. {{"train-000000.tar": 1000}}')
     return sizes
 
 

@@ -81,8 +81,9 @@ def decoded(samples: Iterator[dict], decode: Callable[[dict], Sample], counter: 
         yield decoded_sample
 
 
-def batched(samples: Iterator[Sample], collate: Collate, batch_size: int, counter: SkipCounter,
-            rng: random.Random | None) -> Iterator[Batch]:
+def batched(
+    samples: Iterator[Sample], collate: Collate, batch_size: int, counter: SkipCounter, rng: random.Random | None
+) -> Iterator[Batch]:
     """Batches of batch_size samples (the last one may be short), each with the skips since the previous."""
     for chunk in iter(lambda: list(itertools.islice(samples, batch_size)), []):
         yield replace(collate(chunk, rng), skipped=counter.take())
@@ -133,8 +134,9 @@ class TrainStream(IterableDataset):
         done = len(range(worker, skip, workers))
         return itertools.islice(batches, done, owed)
 
-    def _passes(self, shards: list[str], epoch: int, worker: int, rng: random.Random,
-                counter: SkipCounter) -> Iterator[dict]:
+    def _passes(
+        self, shards: list[str], epoch: int, worker: int, rng: random.Random, counter: SkipCounter
+    ) -> Iterator[dict]:
         """Passes over this worker's shards, each in a new order and through its own shuffle buffer,
         for as long as the worker owes batches: a sample repeats within an epoch only when the worker's
         shards hold fewer samples than its share of the epoch."""
@@ -145,8 +147,10 @@ class TrainStream(IterableDataset):
             buffer = self.cfg.shuffle_buffer
             yield from wds.shuffle(buffer, initial=buffer, rng=rng)(tar_samples(shards, counter))
             if counter.decoded == decoded_before:  # every sample yielded has been decoded (or skipped) by now
-                raise DataError(f"no usable sample in {', '.join(shards)}: {counter.skipped - skipped_before} "
-                                "skipped (the warnings above say why); remove or rebuild these shards")
+                raise DataError(
+                    f"no usable sample in {', '.join(shards)}: {counter.skipped - skipped_before} "
+                    "skipped (the warnings above say why); remove or rebuild these shards"
+                )
 
 
 @dataclass
@@ -174,8 +178,10 @@ def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, grad_a
     """Batches each rank trains on per epoch: whole optimizer steps over the samples, no sample counted twice."""
     steps = num_samples // (batch_size * world_size * grad_accum_steps)
     if steps == 0:
-        raise DataError(f"{num_samples} training samples are fewer than one optimizer step needs "
-                        f"(batch {batch_size} x {world_size} processes x {grad_accum_steps} accumulation)")
+        raise DataError(
+            f"{num_samples} training samples are fewer than one optimizer step needs "
+            f"(batch {batch_size} x {world_size} processes x {grad_accum_steps} accumulation)"
+        )
     return steps * grad_accum_steps
 
 
@@ -185,7 +191,8 @@ def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
         raise DataError(
             f"{shards} training shards cannot feed {world_size} processes x {max(1, num_workers)} data "
             f"workers (each needs at least one shard): write more, smaller shards (`imcap shards build "
-            f"--shard-size`), or lower data.num_workers to {max(0, shards // world_size)}")
+            f"--shard-size`), or lower data.num_workers to {max(0, shards // world_size)}"
+        )
     return _loader(stream, num_workers)
 
 
@@ -197,8 +204,14 @@ def _loader(stream: IterableDataset, num_workers: int) -> DataLoader:
     """A DataLoader of a stream's batches. It draws its workers' base seed from a generator of its own, not
     torch's global one, so making a loader (on resume mid-epoch too) leaves the training RNG untouched;
     the streams seed themselves from (seed, epoch, rank, worker)."""
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=4 if num_workers else None, generator=torch.Generator().manual_seed(0))
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if num_workers else None,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def _worker() -> tuple[int, int]:

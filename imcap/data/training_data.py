@@ -42,19 +42,31 @@ class TrainingData:
         configured, shards = self.cfg.data.num_workers, len(self.train_shards)
         workers = self.train_workers(part.world_size)
         if workers < configured:
-            log.warning("data.num_workers=%d, but %d train shards feed only %d workers in each of %d processes: "
-                        "using %d (write smaller shards for more)", configured, shards, workers, part.world_size,
-                        workers)
+            log.warning(
+                "data.num_workers=%d, but %d train shards feed only %d workers in each of %d processes: "
+                "using %d (write smaller shards for more)",
+                configured,
+                shards,
+                workers,
+                part.world_size,
+                workers,
+            )
         epochs = range(first_epoch, self.cfg.train.epochs)
-        stream = TrainStream(self.train_shards, self.collate, self.cfg.data, self.cfg.train.seed, part, epochs, skip,
-                             num_batches)
+        stream = TrainStream(
+            self.train_shards, self.collate, self.cfg.data, self.cfg.train.seed, part, epochs, skip, num_batches
+        )
         return train_loader(stream, workers)
 
     def with_shards(self, source: str) -> TrainingData:
         """The same data read from other shards of the same splits (a feature cache)."""
         d = self.cfg.data
-        return TrainingData(self.cfg, self.vocab, list_shards(source, d.train_split), list_shards(source, d.val_split),
-                            self.num_train_samples)
+        return TrainingData(
+            self.cfg,
+            self.vocab,
+            list_shards(source, d.train_split),
+            list_shards(source, d.val_split),
+            self.num_train_samples,
+        )
 
 
 def split_captions(shards: list[str]) -> list[str]:
@@ -82,8 +94,12 @@ def load_vocabulary(shards: str, train_shards: list[str], min_word_count: int) -
         vocab = Vocabulary.load(saved)
         if vocab.min_word_count == min_word_count:
             return vocab
-        log.info("%s was built with min_word_count %d, not %d: building the vocabulary from the train split",
-                 saved, vocab.min_word_count, min_word_count)
+        log.info(
+            "%s was built with min_word_count %d, not %d: building the vocabulary from the train split",
+            saved,
+            vocab.min_word_count,
+            min_word_count,
+        )
     return Vocabulary.build(split_captions(train_shards), min_word_count)
 
 

@@ -1,4 +1,5 @@
 """Soft (additive) attention over image regions (Bahdanau et al.; Xu et al. 2015, section 4.2)."""
+
 from __future__ import annotations
 
 import torch

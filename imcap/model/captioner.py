@@ -18,8 +18,9 @@ class Captioner(nn.Module):
         self.pad_id = pad_id
         enc, dec = cfg.encoder, cfg.decoder
         self.encoder = EncoderCNN(enc.weights, enc.train_layer4, enc.channels_last)
-        self.decoder = Decoder(vocab_size, EncoderCNN.feature_dim, dec.embed_dim, dec.hidden_dim,
-                               dec.attention_dim, dec.dropout)
+        self.decoder = Decoder(
+            vocab_size, EncoderCNN.feature_dim, dec.embed_dim, dec.hidden_dim, dec.attention_dim, dec.dropout
+        )
 
     def forward(self, captions: torch.Tensor, inputs: Images | CachedFeatures):
         """captions (B, k, T) token ids; inputs: images (B, 3, H, W) uint8 or cached encoder features.
@@ -37,8 +38,9 @@ class Captioner(nn.Module):
         return groups
 
 
-def caption_loss(logits: torch.Tensor, alphas: torch.Tensor, captions: torch.Tensor, pad_id: int,
-                 alpha_c: float) -> tuple[torch.Tensor, torch.Tensor]:
+def caption_loss(
+    logits: torch.Tensor, alphas: torch.Tensor, captions: torch.Tensor, pad_id: int, alpha_c: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy over real (non-pad) tokens + alpha_c * the doubly stochastic attention penalty.
 
     captions (B, k, T); the penalty pushes each region's attention, summed over the caption's real

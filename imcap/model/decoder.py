@@ -1,4 +1,5 @@
 """The LSTM decoder of Show, Attend and Tell: attention, a gated context, an LSTMCell, word logits."""
+
 from __future__ import annotations
 
 import itertools
@@ -13,13 +14,15 @@ from imcap.model.attention import SoftAttention
 
 class Schedule(NamedTuple):
     """Which captions each step of teacher forcing computes (Decoder.schedule)."""
+
     order: torch.Tensor  # (N,) caption indices, longest first
     runs: list[tuple[int, int]]  # (n, steps): the next `steps` steps compute the first n sorted captions
 
 
 class Decoder(nn.Module):
-    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int, hidden_dim: int,
-                 attention_dim: int, dropout: float):
+    def __init__(
+        self, vocab_size: int, feature_dim: int, embed_dim: int, hidden_dim: int, attention_dim: int, dropout: float
+    ):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.attention = SoftAttention(feature_dim, hidden_dim, attention_dim)
@@ -84,7 +87,7 @@ class Decoder(nn.Module):
         for n, steps in schedule.runs:
             features, projected, h, c = features[:n], projected[:n], h[:n], c[:n]
             run_hs, run_alphas = [], []
-            for word in embedded[:n, t:t + steps].unbind(1):  # (n, E)
+            for word in embedded[:n, t : t + steps].unbind(1):  # (n, E)
                 h, c, alpha = self.step(features, projected, word, h, c)
                 run_hs.append(h)
                 run_alphas.append(alpha)

@@ -5,6 +5,7 @@ regions for each of them and the caption's log-probability under the model (its 
 Neither ends a caption before its first word: no training caption is empty, yet <end> can rank among
 the first step's top words, and its one log-probability beats that of any whole caption.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -31,8 +32,9 @@ def _start(model: Captioner, inputs: Images | CachedFeatures, copies: int):
 
 
 @torch.no_grad()
-def greedy_decode(model: Captioner, inputs: Images | CachedFeatures, start_id: int, end_id: int,
-                  max_length: int) -> Decoded:
+def greedy_decode(
+    model: Captioner, inputs: Images | CachedFeatures, start_id: int, end_id: int, max_length: int
+) -> Decoded:
     """The most likely word at every step, for at most max_length steps."""
     decoder = model.decoder
     features, projected, h, c = _start(model, inputs, 1)
@@ -59,8 +61,16 @@ def greedy_decode(model: Captioner, inputs: Images | CachedFeatures, start_id: i
 
 
 @torch.no_grad()
-def beam_search(model: Captioner, inputs: Images | CachedFeatures, start_id: int, end_id: int, max_length: int,
-                beam_size: int, length_penalty: float = 0.0, no_repeat_ngram: int = 0) -> Decoded:
+def beam_search(
+    model: Captioner,
+    inputs: Images | CachedFeatures,
+    start_id: int,
+    end_id: int,
+    max_length: int,
+    beam_size: int,
+    length_penalty: float = 0.0,
+    no_repeat_ngram: int = 0,
+) -> Decoded:
     """Batched beam search: every image keeps `beam_size` running captions.
 
     A caption that emits <end> is finished; its score is its log-probability divided by
@@ -105,8 +115,9 @@ def beam_search(model: Captioner, inputs: Images | CachedFeatures, start_id: int
                 if word == end_id:
                     if rank < k:  # only an ending that would have been kept finishes (beam 1 is greedy)
                         tokens = history[b, beam].tolist()
-                        finished[b].append((score / (len(tokens) + 1) ** length_penalty, score, tokens,
-                                            attention[b, beam].cpu()))
+                        finished[b].append(
+                            (score / (len(tokens) + 1) ** length_penalty, score, tokens, attention[b, beam].cpu())
+                        )
                 else:
                     next_beam[b, alive], next_word[b, alive], next_score[b, alive] = beam, word, score
                     alive += 1
@@ -118,8 +129,13 @@ def beam_search(model: Captioner, inputs: Images | CachedFeatures, start_id: int
             break
         order = (next_beam + torch.arange(batch, device=device).unsqueeze(1) * k).view(-1)  # (B*k,) rows to keep
         history = torch.cat([history.view(batch * k, -1)[order].view(batch, k, -1), next_word.unsqueeze(2)], dim=2)
-        attention = torch.cat([attention.view(batch * k, -1, attention.shape[-1])[order].view(batch, k, -1, attention.shape[-1]),
-                               alpha.view(batch * k, -1)[order].view(batch, k, 1, -1)], dim=2)
+        attention = torch.cat(
+            [
+                attention.view(batch * k, -1, attention.shape[-1])[order].view(batch, k, -1, attention.shape[-1]),
+                alpha.view(batch * k, -1)[order].view(batch, k, 1, -1),
+            ],
+            dim=2,
+        )
         h, c, words, scores = h[order], c[order], next_word.view(-1), next_score
     tokens, alphas, logprobs = [], [], []
     for b in range(batch):
@@ -145,8 +161,16 @@ def _block_repeats(step_logprobs: torch.Tensor, history: torch.Tensor, n: int) -
             step_logprobs[b, k, list(banned)] = float("-inf")
 
 
-def decode(model: Captioner, inputs: Images | CachedFeatures, start_id: int, end_id: int, max_length: int,
-           beam_size: int = 1, length_penalty: float = 0.0, no_repeat_ngram: int = 0) -> Decoded:
+def decode(
+    model: Captioner,
+    inputs: Images | CachedFeatures,
+    start_id: int,
+    end_id: int,
+    max_length: int,
+    beam_size: int = 1,
+    length_penalty: float = 0.0,
+    no_repeat_ngram: int = 0,
+) -> Decoded:
     """Greedy search for beam_size 1 (without n-gram blocking), else beam search."""
     if beam_size == 1 and not no_repeat_ngram:
         return greedy_decode(model, inputs, start_id, end_id, max_length)

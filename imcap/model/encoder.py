@@ -32,8 +32,9 @@ def load_resnet50(weights: str) -> nn.Module:
     missing, unexpected = resnet.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]  # the classifier is dropped anyway
     if missing or unexpected:
-        raise WeightsError(f"{weights} is not a ResNet-50 state dict: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
+        raise WeightsError(
+            f"{weights} is not a ResNet-50 state dict: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     return resnet
 
 
@@ -44,8 +45,10 @@ def _imagenet_state_dict() -> dict:
         return enum.get_state_dict(progress=False, check_hash=True)
     except Exception as e:  # offline: URLError, socket errors, proxies refusing
         if cached.is_file():  # an interrupted copy, or another file under the name
-            raise WeightsError(f"could not load the ImageNet ResNet-50 weights from {cached} ({type(e).__name__}: "
-                               f"{e}): the file is damaged; replace it with {enum.url}") from None
+            raise WeightsError(
+                f"could not load the ImageNet ResNet-50 weights from {cached} ({type(e).__name__}: "
+                f"{e}): the file is damaged; replace it with {enum.url}"
+            ) from None
         raise WeightsError(
             f"could not load the ImageNet ResNet-50 weights: {cached} is not there and downloading "
             f"{enum.url} failed ({type(e).__name__}: {e}). Place that file at {cached} (the directory "
@@ -55,8 +58,10 @@ def _imagenet_state_dict() -> dict:
 
 def _local_state_dict(path: Path) -> dict:
     if not path.is_file():
-        raise WeightsError(f"model.encoder.weights: {path} does not exist (expected imagenet, none, "
-                           "or the path of a ResNet-50 state dict)")
+        raise WeightsError(
+            f"model.encoder.weights: {path} does not exist (expected imagenet, none, "
+            "or the path of a ResNet-50 state dict)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -69,7 +74,7 @@ def _local_state_dict(path: Path) -> dict:
 
 def grid_shape(regions: int) -> tuple[int, int]:
     """(rows, columns) of a feature grid of `regions` regions in reading order: the images are square crops."""
-    side = round(regions ** 0.5)
+    side = round(regions**0.5)
     if side * side != regions:
         raise ValueError(f"{regions} regions are not a square grid")
     return side, side
@@ -178,11 +183,11 @@ def estimate_feature_stats(encoder: EncoderCNN, batches) -> int:
     for inputs in batches:
         features = encoder(inputs).double()  # (B, R, D)
         total = total + features.sum(dim=(0, 1))
-        total_sq = total_sq + (features ** 2).sum(dim=(0, 1))
+        total_sq = total_sq + (features**2).sum(dim=(0, 1))
         count += features.shape[0] * features.shape[1]
         images += features.shape[0]
     mean = total / count
-    std = (total_sq / count - mean ** 2).clamp(min=0).sqrt()
+    std = (total_sq / count - mean**2).clamp(min=0).sqrt()
     encoder.feature_mean.copy_(mean.float())
     encoder.feature_std.copy_(std.float().clamp(min=1e-3))  # dead channels stay zero, not inf
     encoder.train(was_training)

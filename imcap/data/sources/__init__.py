@@ -19,5 +19,17 @@ from imcap.data.sources.records import Problem, Record, Source, SourceError
 from imcap.data.sources.tables import read_table
 from imcap.data.sources.webdataset import read_webdataset, webdataset_shards
 
-__all__ = ["FLICKR_LAYOUTS", "Problem", "Record", "Source", "SourceError", "read_coco", "read_flickr", "read_hf",
-           "read_karpathy", "read_table", "read_webdataset", "webdataset_shards"]
+__all__ = [
+    "FLICKR_LAYOUTS",
+    "Problem",
+    "Record",
+    "Source",
+    "SourceError",
+    "read_coco",
+    "read_flickr",
+    "read_hf",
+    "read_karpathy",
+    "read_table",
+    "read_webdataset",
+    "webdataset_shards",
+]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from imcap.data.sources.records import Problem, Record, Source, by_key, image_record, read_json, required
 
-
-COCO_LAYOUT = ("COCO captions JSON: {'images': [{'id', 'file_name'}, ...], "
-               "'annotations': [{'image_id', 'caption'}, ...]}")
+COCO_LAYOUT = (
+    "COCO captions JSON: {'images': [{'id', 'file_name'}, ...], 'annotations': [{'image_id', 'caption'}, ...]}"
+)
 
 
 def read_coco(splits: list[tuple[str, Path, Path]]) -> Source:
@@ -22,7 +22,10 @@ def read_coco(splits: list[tuple[str, Path, Path]]) -> Source:
             images[required(image, "id", where, COCO_LAYOUT)] = (required(image, "file_name", where, COCO_LAYOUT), [])
         for i, note in enumerate(required(data, "annotations", str(annotations_file), COCO_LAYOUT)):
             where = f"{annotations_file}: annotations[{i}]"
-            owner, caption = required(note, "image_id", where, COCO_LAYOUT), required(note, "caption", where, COCO_LAYOUT)
+            owner, caption = (
+                required(note, "image_id", where, COCO_LAYOUT),
+                required(note, "caption", where, COCO_LAYOUT),
+            )
             if owner not in images:
                 problems.append(Problem("caption of an unlisted image", where, f"image_id {owner}"))
                 continue
@@ -34,8 +37,10 @@ def read_coco(splits: list[tuple[str, Path, Path]]) -> Source:
 
 # -------------------------------------------------------------------------------------- Karpathy splits
 
-KARPATHY_LAYOUT = ("Karpathy split JSON: {'images': [{'filepath' (optional), 'filename', 'split', "
-                   "'sentences': [{'raw', 'tokens'}, ...]}, ...]}")
+KARPATHY_LAYOUT = (
+    "Karpathy split JSON: {'images': [{'filepath' (optional), 'filename', 'split', "
+    "'sentences': [{'raw', 'tokens'}, ...]}, ...]}"
+)
 
 
 def read_karpathy(split_file: Path, image_root: Path, restval_split: str = "train") -> Source:
@@ -47,8 +52,10 @@ def read_karpathy(split_file: Path, image_root: Path, restval_split: str = "trai
         where = f"{split_file}: images[{i}]"
         name = required(image, "filename", where, KARPATHY_LAYOUT)
         split = required(image, "split", where, KARPATHY_LAYOUT)
-        captions = tuple(required(s, "raw", f"{where}.sentences[{j}]", KARPATHY_LAYOUT)
-                         for j, s in enumerate(required(image, "sentences", where, KARPATHY_LAYOUT)))
+        captions = tuple(
+            required(s, "raw", f"{where}.sentences[{j}]", KARPATHY_LAYOUT)
+            for j, s in enumerate(required(image, "sentences", where, KARPATHY_LAYOUT))
+        )
         record = image_record(name, captions, Path(image_root) / image.get("filepath", ""), image.get("cocoid"))
         splits.setdefault(restval_split if split == "restval" else split, []).append(record)
     return Source(f"karpathy {split_file}", {split: by_key(records) for split, records in splits.items()})

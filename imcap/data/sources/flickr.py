@@ -8,9 +8,10 @@ from pathlib import Path
 from imcap.data.sources.records import Problem, Source, SourceError, by_key, image_record, read_lines
 from imcap.data.sources.tables import group_rows, table_rows
 
-
-FLICKR_LAYOUTS = ("the token file (image.jpg#n<TAB>caption), the CSV with header 'image,caption', or "
-                  "Flickr30k's results.csv (image_name| comment_number| comment)")
+FLICKR_LAYOUTS = (
+    "the token file (image.jpg#n<TAB>caption), the CSV with header 'image,caption', or "
+    "Flickr30k's results.csv (image_name| comment_number| comment)"
+)
 
 
 def read_flickr(captions_file: Path, image_dir: Path, split_lists: list[tuple[str, Path]]) -> Source:
@@ -50,7 +51,7 @@ def _line_captions(path: Path, lines: list[str], first_line: int, parse, layout:
     """One image and caption per line, from line number first_line on; a line parse cannot read is a Problem."""
     captions: dict[str, list] = {}
     problems = []
-    for number, line in enumerate(lines[first_line - 1:], start=first_line):
+    for number, line in enumerate(lines[first_line - 1 :], start=first_line):
         if not line.strip():
             continue
         parsed = parse(line)
@@ -72,8 +73,10 @@ def _split_lists(split_lists: list[tuple[str, Path]]) -> dict[str, list[str]]:
             if not name:
                 continue
             if name in owner and owner[name][0] != split:
-                raise SourceError(f"{list_file}:{number}: {name} is also in split {owner[name][0]!r} "
-                                  f"({owner[name][1]}); an image must be in one split only")
+                raise SourceError(
+                    f"{list_file}:{number}: {name} is also in split {owner[name][0]!r} "
+                    f"({owner[name][1]}); an image must be in one split only"
+                )
             if name not in owner:
                 owner[name] = (split, Path(list_file))
                 names.append(name)

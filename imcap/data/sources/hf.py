@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path, PurePath
-from typing import Iterator
 
 from imcap.data.sources.records import Record, Source, SourceError, sample_key
 from imcap.data.sources.tables import cell_captions
 
 
-def read_hf(dataset: str, image_column: str, caption_column: str, splits: list[tuple[str, str]] | None = None,
-            id_column: str | None = None) -> Source:
+def read_hf(
+    dataset: str,
+    image_column: str,
+    caption_column: str,
+    splits: list[tuple[str, str]] | None = None,
+    id_column: str | None = None,
+) -> Source:
     """A local `imagefolder` (images + metadata.jsonl/metadata.csv), a save_to_disk directory, or a hub name.
 
     splits: (imcap split, dataset split) pairs; default every split of the dataset, `validation` named val.
@@ -40,14 +45,22 @@ def read_hf(dataset: str, image_column: str, caption_column: str, splits: list[t
         columns = [image_column, caption_column, *([id_column] if id_column else [])]
         missing = [c for c in columns if c not in table.column_names]
         if missing:
-            raise SourceError(f"{dataset} split {dataset_split!r} has no column {', '.join(map(repr, missing))} "
-                              f"(columns: {', '.join(table.column_names)}); name them with --image-column, "
-                              "--caption-column, --id-column")
+            raise SourceError(
+                f"{dataset} split {dataset_split!r} has no column {', '.join(map(repr, missing))} "
+                f"(columns: {', '.join(table.column_names)}); name them with --image-column, "
+                "--caption-column, --id-column"
+            )
         table = table.select_columns(columns)
         if isinstance(table.features[image_column], datasets.Image):
             table = table.cast_column(image_column, datasets.Image(decode=False))  # the original bytes, undecoded
-        records[split] = _HFRecords(table, f"{dataset}[{dataset_split}]", path if path.is_dir() else None,
-                                     image_column, caption_column, id_column)
+        records[split] = _HFRecords(
+            table,
+            f"{dataset}[{dataset_split}]",
+            path if path.is_dir() else None,
+            image_column,
+            caption_column,
+            id_column,
+        )
     return Source(f"hf {dataset}", records)
 
 
@@ -57,8 +70,9 @@ IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 class _HFRecords:
     """The records of one dataset split, read row by row (a sized iterable, for the progress bar)."""
 
-    def __init__(self, table, name: str, root: Path | None, image_column: str, caption_column: str,
-                 id_column: str | None):
+    def __init__(
+        self, table, name: str, root: Path | None, image_column: str, caption_column: str, id_column: str | None
+    ):
         self.table, self.name, self.root = table, name, root
         self.image_column, self.caption_column, self.id_column = image_column, caption_column, id_column
 
@@ -71,10 +85,15 @@ class _HFRecords:
             data = image.get("bytes") if isinstance(image, dict) else None
             file = image.get("path") if isinstance(image, dict) else image
             path = None if data is not None or not file else (self.root / file if self.root else Path(file))
-            image_id = (row[self.id_column] if self.id_column
-                        else self._name(file) if file else f"{number:08d}")
-            yield Record(sample_key(str(image_id)), image_id, tuple(cell_captions(row[self.caption_column])),
-                         str(path) if path else f"{self.name} row {number}", path, data)
+            image_id = row[self.id_column] if self.id_column else self._name(file) if file else f"{number:08d}"
+            yield Record(
+                sample_key(str(image_id)),
+                image_id,
+                tuple(cell_captions(row[self.caption_column])),
+                str(path) if path else f"{self.name} row {number}",
+                path,
+                data,
+            )
 
     def _name(self, file: str) -> str:
         """A local imagefolder's image: its path relative to the folder of the metadata file naming it (its

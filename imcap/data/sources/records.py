@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Iterable
 
 
 class SourceError(ValueError):
@@ -68,8 +68,9 @@ def read_json(path: Path, expected: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise SourceError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); "
-                          f"expected {expected}") from None
+        raise SourceError(
+            f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); expected {expected}"
+        ) from None
 
 
 def required(item: dict, key: str, where: str, expected: str):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from imcap.data.sources.records import Problem, Record, Source, SourceError, by_key, image_record, open_text
 
@@ -15,8 +15,14 @@ def table_format(path: Path) -> str:
     return {".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(suffix, "csv")
 
 
-def read_table(tables: list[tuple[str | None, Path]], image_dir: Path | None, image_column: str,
-               caption_column: str, split_column: str | None = None, fmt: str | None = None) -> Source:
+def read_table(
+    tables: list[tuple[str | None, Path]],
+    image_dir: Path | None,
+    image_column: str,
+    caption_column: str,
+    split_column: str | None = None,
+    fmt: str | None = None,
+) -> Source:
     """(split, table) pairs; with split_column the split of each row is read from it (the pair's split is None).
 
     Several captions of an image come as repeated rows or as a list (a JSON list in a JSONL field, or a
@@ -36,8 +42,10 @@ def read_table(tables: list[tuple[str | None, Path]], image_dir: Path | None, im
             record = image_record(name, captions, directory)
             known_split, known_table = owner.setdefault(record.path, (image_split, table))
             if known_split != image_split:
-                raise SourceError(f"{table}: {name} is in split {image_split!r} here and in {known_split!r} in "
-                                  f"{known_table}; an image must be in one split only")
+                raise SourceError(
+                    f"{table}: {name} is in split {image_split!r} here and in {known_split!r} in "
+                    f"{known_table}; an image must be in one split only"
+                )
             records.setdefault(image_split, []).append(record)
     splits = {split: by_key(split_records) for split, split_records in records.items()}
     return Source("table " + " ".join(str(t) for _, t in tables), splits, problems)
@@ -56,19 +64,33 @@ def table_rows(path: Path, fmt: str, columns: tuple[str, ...]) -> Iterator[tuple
                     yield number, Problem("malformed line", f"{path}:{number}", f"not JSON: {e.msg}")
                     continue
                 missing = [c for c in columns if not isinstance(row, dict) or c not in row]
-                yield number, (Problem("malformed line", f"{path}:{number}", f"no {', '.join(map(repr, missing))}")
-                               if missing else row)
+                yield (
+                    number,
+                    (
+                        Problem("malformed line", f"{path}:{number}", f"no {', '.join(map(repr, missing))}")
+                        if missing
+                        else row
+                    ),
+                )
             return
         reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
-            raise SourceError(f"{path}:1: no column {', '.join(map(repr, missing))} in the header "
-                              f"(columns: {', '.join(reader.fieldnames or [])}); name the columns with "
-                              "--image-column and --caption-column")
+            raise SourceError(
+                f"{path}:1: no column {', '.join(map(repr, missing))} in the header "
+                f"(columns: {', '.join(reader.fieldnames or [])}); name the columns with "
+                "--image-column and --caption-column"
+            )
         for row in reader:
             if any(row[c] is None for c in columns):
-                yield reader.line_num, Problem("malformed line", f"{path}:{reader.line_num}",
-                                               f"fewer fields than the {len(reader.fieldnames)} columns")
+                yield (
+                    reader.line_num,
+                    Problem(
+                        "malformed line",
+                        f"{path}:{reader.line_num}",
+                        f"fewer fields than the {len(reader.fieldnames)} columns",
+                    ),
+                )
             else:
                 yield reader.line_num, row
 
@@ -87,8 +109,9 @@ def cell_captions(value) -> list:
     return [value]
 
 
-def group_rows(path: Path, rows, image_column: str, caption_column: str, split_column: str | None = None,
-                split: str | None = None) -> tuple[dict[str, tuple[str | None, list]], list[Problem]]:
+def group_rows(
+    path: Path, rows, image_column: str, caption_column: str, split_column: str | None = None, split: str | None = None
+) -> tuple[dict[str, tuple[str | None, list]], list[Problem]]:
     """Rows -> {image: (split, captions)} in first-seen order, plus the problems of unreadable lines."""
     images: dict[str, tuple[str | None, list]] = {}
     problems = []
@@ -100,7 +123,9 @@ def group_rows(path: Path, rows, image_column: str, caption_column: str, split_c
         row_split = str(row[split_column]) if split_column else split
         known_split, known = images.setdefault(image, (row_split, []))
         if known_split != row_split:
-            raise SourceError(f"{path}:{number}: {image} is in split {row_split!r} here and in {known_split!r} "
-                              "on an earlier line; an image must be in one split only")
+            raise SourceError(
+                f"{path}:{number}: {image} is in split {row_split!r} here and in {known_split!r} "
+                "on an earlier line; an image must be in one split only"
+            )
         known.extend(captions)
     return images, problems

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from imcap.data.samples import IMAGE_EXTENSIONS, SampleError, image_id, sample_captions
 from imcap.data.shards import list_shards, read_shard
@@ -13,8 +13,10 @@ from imcap.data.sources.records import Problem, Record, Source, sample_key
 def read_webdataset(split_shards: list[tuple[str, str]]) -> Source:
     """(split, shards) pairs, shards a directory (its {split}-*.tar) or a brace/glob pattern such as
     'laion/{00000..00099}.tar' (img2dataset). Samples as the trainer reads them; shard order kept."""
-    return Source("webdataset " + " ".join(spec for _, spec in split_shards),
-                  {split: _shard_records(webdataset_shards(spec, split)) for split, spec in split_shards})
+    return Source(
+        "webdataset " + " ".join(spec for _, spec in split_shards),
+        {split: _shard_records(webdataset_shards(spec, split)) for split, spec in split_shards},
+    )
 
 
 def webdataset_shards(spec: str, split: str) -> list[str]:
