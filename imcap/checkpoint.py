@@ -122,7 +122,10 @@ class Checkpointer:
             atomic_write(tmp / STATE, json.dumps({**asdict(state), "world_size": acc.num_processes}))
         acc.wait_for_everyone()  # every rank's RNG file is in place
         if acc.is_main_process:
-            os.replace(tmp, final)  # a step is saved once: the loop saves at most once per step
+            # a copy of this step already there is one a killed run renamed but never named `latest`: `latest`
+            # names the checkpoint before it, so replacing the copy loses nothing
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
             atomic_write(self.dir / LATEST, name)
             if score is not None:
                 self._update_best(name, *score)
