@@ -5,7 +5,7 @@
 # tests/slurm/stop_cluster.sh stops the daemons and removes that directory.
 # Clients reach this cluster, and no other, through SLURM_CONF:
 #     export SLURM_CONF=/tmp/imcap-slurm/slurm.conf; sinfo
-# Facts behind the settings: ../shared/SLURM-NOTES.md.
+# Each setting below says why it is there; docs/testing.md says what the Slurm tests run.
 set -euo pipefail
 dir=${IMCAP_SLURM_DIR:-/tmp/imcap-slurm}
 export SLURM_CONF=$dir/slurm.conf
