@@ -133,16 +133,7 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    tree: dict[str, Any] = {}
-    if path is not None:
-        try:
-            tree = yaml.load(Path(path).read_text(), Loader=_TextLoader) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top, not {type(tree).__name__}")
+    tree = {} if path is None else _read_yaml(Path(path))
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -177,8 +168,61 @@ class _TextLoader(yaml.SafeLoader):
     """
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 _TextLoader.yaml_implicit_resolvers = {}  # a new dict: SafeLoader keeps its resolvers
-_TextLoader.add_implicit_resolver("tag:yaml.org,2002:merge", re.compile(r"^<<$"), ["<"])  # `<<: *anchor` still merges
+_TextLoader.add_implicit_resolver(_MERGE_TAG, re.compile(r"^<<$"), ["<"])  # `<<: *anchor` still merges
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    loader = _TextLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}
+        _refuse_duplicate_keys(node, path, "", set())
+        tree = loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, not {type(tree).__name__}")
+    return tree
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: Path, prefix: str, walked: set[int]) -> None:
+    """A ConfigError for a key written twice in one mapping, at any depth: YAML would keep only the second,
+    so a section written twice would silently lose the first one's values."""
+    if id(node) in walked:  # an alias of a node already walked (a recursive one would never end)
+        return
+    walked.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, path, prefix, walked)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    lines: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == _MERGE_TAG:  # merged keys are defaults the mapping's own keys may override
+            _refuse_duplicate_keys(value_node, path, prefix, walked)
+            continue
+        if isinstance(key_node, yaml.ScalarNode):
+            key, line = key_node.value, key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(
+                    f"config file {path}: {prefix}{key} is written twice, at lines {lines[key]} and {line}; "
+                    "write each key once (the second would replace the first)"
+                )
+            lines[key] = line
+        _refuse_duplicate_keys(value_node, path, f"{prefix}{key_node.value}.", walked)
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

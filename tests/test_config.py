@@ -110,3 +110,41 @@ def test_missing_or_invalid_yaml_file_is_named(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  lr: 1e-3\nrun_name: x\ntrain:\n  epochs: 2\n", "train is written twice, at lines 1 and 4"),
+        (
+            "model:\n  decoder:\n    embed_dim: 8\n    embed_dim: 16\n",
+            "model.decoder.embed_dim is written twice, at lines 3 and 4",
+        ),
+        ("run_name: a\n'run_name': b\n", "run_name is written twice, at lines 1 and 2"),
+        ("data: {batch_size: 4, batch_size: 8}\n", "data.batch_size is written twice, at lines 1 and 1"),
+    ],
+    ids=["section", "nested key", "quoted key", "flow mapping"],
+)
+def test_a_key_written_twice_in_a_yaml_file_is_an_error_naming_the_file_the_key_and_both_lines(tmp_path, text, message):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"config file {path}: {message}")
+
+
+def test_a_mapping_may_override_the_keys_it_merges_from_an_anchor(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("model:\n  decoder:\n    <<: {hidden_dim: 32, dropout: 0.1}\n    hidden_dim: 64\n")
+    decoder = load_config(path).model.decoder
+    assert (decoder.hidden_dim, decoder.dropout) == (64, 0.1)
+
+
+def test_invalid_yaml_is_one_line_naming_the_file_and_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: 1e-3\n  epochs: [1, 2\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(bad)
+    message = str(error.value)
+    assert message.startswith(f"config file {bad} is not valid YAML: ") and "\n" not in message
+    assert "at line 4, column 1" in message
