@@ -9,6 +9,7 @@ type or a value outside its allowed set is a `ConfigError` naming the key and wh
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -267,9 +268,12 @@ def _coerce(hint, value: Any, key: str):
         return value.lower() == "true"
     if hint in (int, float):
         try:
-            return hint(value)
+            number = hint(value)
         except ValueError:
             raise ConfigError(f"{key} must be {'an integer' if hint is int else 'a number'}; got {value!r}") from None
+        if not math.isfinite(number):  # float() reads inf and nan, which no setting means
+            raise ConfigError(f"{key} must be a finite number; got {value!r}")
+        return number
     if hint is str:
         return value
     raise TypeError(f"config field {key} has an unsupported type {hint}")

@@ -6,12 +6,14 @@ returns the messages of every failed check, and `imcap.config.validate` raises t
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from imcap.config import Config
 
+SEEDS = 2**32  # accelerate's set_seed seeds numpy too, which takes 0 <= seed < 2**32
 METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
 
 
@@ -19,6 +21,14 @@ def config_problems(cfg: Config) -> list[str]:
     """The message of every check the config fails, in the order of the checks; empty: it is valid."""
     preemption_signal = getattr(signal, cfg.train.preemption_signal, None)  # SIG_IGN is a handler, not a signal
     checks = [
+        (
+            cfg.run_name not in ("", ".", "..") and not any(sep and sep in cfg.run_name for sep in (os.sep, os.altsep)),
+            f"run_name must name one directory inside runs_dir (not empty, . or .., no {os.sep}); got {cfg.run_name!r}",
+        ),
+        (
+            0 <= cfg.train.seed < SEEDS,
+            f"train.seed must be in [0, 2**32), the seeds numpy accepts; got {cfg.train.seed}",
+        ),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (cfg.data.captions_per_image >= 1, "data.captions_per_image must be >= 1"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
