@@ -19,10 +19,11 @@ from typing import Any, Literal
 import yaml
 
 from imcap.config_validation import config_problems
+from imcap.errors import ImcapError, reason
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(ImcapError, ValueError):
+    label = "config error"
 
 
 @dataclass
@@ -180,7 +181,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+        raise ConfigError(f"config file {path} cannot be read: {reason(e)}") from None
     loader = _TextLoader(text)
     try:
         node = loader.get_single_node()

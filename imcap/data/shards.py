@@ -13,11 +13,13 @@ from pathlib import Path
 
 import webdataset as wds
 
+from imcap.errors import ImcapError
+
 SIZES_FILE = "sizes.json"
 FEATURES_DIR = "features"  # <shards>/features/<digest>/: feature caches made from the shards (feature_cache.py)
 
 
-class DataError(ValueError):
+class DataError(ImcapError, ValueError):
     """Shards that cannot be used as asked: none where they should be, no sample count, no usable sample."""
 
 
