@@ -18,6 +18,7 @@ its message to raise it in the parent process.
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 EXIT_USER_ERROR = 2  # as argparse exits for bad arguments
 
@@ -26,6 +27,17 @@ class ImcapError(Exception):
     """A config, file or directory that imcap cannot use as given; the message says which, and why."""
 
     label = ""  # printed before the message, e.g. "config error"
+
+
+class PathError(ImcapError, OSError):
+    """A file or directory named on the command line that cannot be read or written."""
+
+
+def path_error(path: str | Path, cause: OSError | str, what: str = "cannot read") -> PathError:
+    """PathError("<what> <path>: <cause in words>")."""
+    error = PathError(f"{what} {path}: {cause if isinstance(cause, str) else reason(cause)}")
+    error.errno = getattr(cause, "errno", None)
+    return error
 
 
 def reason(error: OSError | UnicodeDecodeError) -> str:

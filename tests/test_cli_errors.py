@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from imcap.checkpoint import contiguous_state
 from imcap.config import load_config, save_config
+from imcap.data.shards import ShardWriter
 from imcap.model import Captioner
 from imcap.text import Vocabulary
 
@@ -100,6 +101,10 @@ CASES = {
         ["train", *DEMO, *b.tiny, f"data.shards={b.empty}"],
         [b.empty, "split 'train'"],
     ),
+    "train: sizes.json not JSON": lambda b: (
+        ["train", *DEMO, *b.tiny, f"data.shards={b.tmp / 'bad-sizes'}"],
+        [b.tmp / "bad-sizes" / "sizes.json"],
+    ),
     "train: encoder weights missing": lambda b: (
         ["train", *DEMO, *b.tiny, f"model.encoder.weights={b.tmp / 'no.pt'}"],
         ["model.encoder.weights", b.tmp / "no.pt"],
@@ -111,9 +116,35 @@ CASES = {
     "eval: no model": lambda b: (["eval", b.empty, "--cpu"], [b.empty, "no model found"]),
     "launch/evaluate.py: no model": lambda b: (["launch/evaluate.py", b.empty, "--cpu"], [b.empty, "no model found"]),
     "eval: no such split": lambda b: (["eval", b.model, "--split", "test", "--cpu"], [b.shards, "split 'test'"]),
+    "eval: model cut short": lambda b: (["eval", b.cut_short, "--cpu"], [b.cut_short / "model.safetensors"]),
+    "caption: weights of another shape": lambda b: (
+        ["caption", b.tmp / "red.png", "--model", b.other_shape],
+        [b.other_shape / "model.safetensors", "does not fit the model", "size mismatch"],
+    ),
     "eval: config.yaml not YAML": lambda b: (
         ["eval", b.bad_config, "--cpu"],
         [b.bad_config / "config.yaml", "is not valid YAML"],
+    ),
+    "eval: vocab.json not a vocabulary": lambda b: (
+        ["eval", b.bad_vocab, "--cpu"],
+        [b.bad_vocab / "vocab.json", "is not an imcap vocabulary"],
+    ),
+    "caption: no such image": lambda b: (["caption", b.tmp / "no.png", "--model", b.model], [b.tmp / "no.png"]),
+    "caption: a symlink loop": lambda b: (
+        ["caption", b.tmp / "loop-a", "--model", b.model],
+        [b.tmp / "loop-a", "symbolic link loop"],
+    ),
+    "caption: --json in a directory that is not there": lambda b: (
+        ["caption", b.tmp / "red.png", "--model", b.model, "--json", b.empty / "no" / "out.jsonl"],
+        [f"cannot write {b.empty / 'no' / 'out.jsonl'}: no such file or directory"],
+    ),
+    "caption: no vocab.json": lambda b: (
+        ["caption", b.tmp / "red.png", "--model", b.no_vocab],
+        [b.no_vocab, "vocab.json missing"],
+    ),
+    "export: no vocab.json": lambda b: (
+        ["export", b.no_vocab, "--out", b.tmp / "exported"],
+        [b.no_vocab, "vocab.json missing"],
     ),
     "export: no model": lambda b: (["export", b.empty, "--out", b.tmp / "exported"], [b.empty, "no model found"]),
     "shards build: no captions file": lambda b: (
@@ -141,3 +172,18 @@ def test_every_process_of_a_launch_reports_a_config_error_in_one_line(tmp_path):
     assert result.returncode != 0 and reports and "ConfigError" not in output, output[-3000:]
     for line in reports:
         assert line.startswith("imcap: config error: unknown config key train.bogus; allowed keys in train:"), line
+
+
+def test_an_error_in_a_data_worker_is_one_line_of_the_error_as_raised_there(tmp_path):
+    """torch re-raises a worker's error with the worker's traceback as its message: the line keeps only the error."""
+    for split in ("train", "val"):
+        with ShardWriter(tmp_path / "shards", split, max_samples=4) as writer:
+            for i in range(8):
+                writer.write({"__key__": f"{split}{i}", "png": b"\x89PNG cut short", "txt": f"a picture {i}".encode()})
+    in_a_worker = ["data.num_workers=1", "data.batch_size=2", "model.encoder.train_layer4=false"]
+    overrides = tiny_overrides(tmp_path / "shards", tmp_path / "runs", "train.cpu=true", *in_a_worker)
+    result = imcap("train", *DEMO, *overrides, "model.encoder.batchnorm_stats_images=0")
+    last = result.stderr.splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last.startswith(f"imcap: no usable sample in {tmp_path / 'shards' / 'train-000000.tar'}, "), last
+    assert last.endswith("remove or rebuild these shards (in DataLoader worker process 0)"), last
