@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from PIL import Image, ImageDraw, ImageOps
 from imcap.data.batch import Images
 from imcap.data.samples import SampleError, decode_image, decode_sample, resize_crop
 from imcap.data.shards import read_shard
+from imcap.errors import path_error
 from imcap.inference import load_for_inference
 from imcap.model.decoding import decode
 from imcap.model.encoder import grid_shape
@@ -23,15 +25,19 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 def image_files(paths: list[str]) -> list[Path]:
-    """Files as given, and the images inside any directory, sorted."""
+    """Files as given, and the images inside any directory, sorted; a PathError for a path that is neither."""
     files = []
     for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"{path}: no such image file or directory")
+        try:
+            mode = path.stat().st_mode  # not is_dir/is_file: they answer False for a link loop, hiding why
+            if S_ISDIR(mode):
+                files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+                continue
+        except OSError as e:
+            raise path_error(path, e, "image") from None
+        if not S_ISREG(mode):
+            raise path_error(path, "not a regular file or a directory", "image")
+        files.append(path)
     return files
 
 
@@ -46,14 +52,19 @@ def caption_files(
 ) -> list[tuple[Path, str]]:
     """-> (file, caption) for every image; with attention_maps, one PNG per image in that directory; with
     json_lines, one JSON object per image in that file: file, caption, words, attention, grid."""
+    files = image_files(paths)  # before the model loads: a path that is not there fails at once
     model, vocab, cfg = load_for_inference(model_path)
     size = cfg.data.image_size
     results, maps = [], set()
-    files = image_files(paths)
     # opened before any captioning: a path that cannot be written fails at once, and each line is written
     # as its image is done
     with contextlib.ExitStack() as stack:
-        json_out = stack.enter_context(open(json_lines, "w")) if json_lines else None
+        try:
+            json_out = stack.enter_context(open(json_lines, "w")) if json_lines else None
+            if attention_maps:
+                Path(attention_maps).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise path_error(e.filename, e, "cannot write") from None
         for start in range(0, len(files), batch_size):
             readable = [
                 (f, picture) for f in files[start : start + batch_size] if (picture := _picture(f, size)) is not None
@@ -85,7 +96,6 @@ def caption_files(
                     json_out.write(json.dumps(record) + "\n")
                 if attention_maps:
                     out = Path(attention_maps)
-                    out.mkdir(parents=True, exist_ok=True)
                     name, n = f.stem, 1
                     while name in maps:  # cat.jpg beside cat.png, or a cat.jpg in two folders: a map for each
                         n += 1

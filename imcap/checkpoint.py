@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from imcap.config import CheckpointConfig, Config, save_config
 from imcap.data.shards import atomic_write
+from imcap.errors import ImcapError
 from imcap.text import Vocabulary
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 LATEST, BEST, STATE = "latest", "best", "state.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ImcapError, RuntimeError):
     pass
 
 

@@ -9,8 +9,8 @@ type or a value outside its allowed set is a `ConfigError` naming the key and wh
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-import signal
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +18,12 @@ from typing import Any, Literal
 
 import yaml
 
-METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
+from imcap.config_validation import config_problems
+from imcap.errors import ImcapError, reason
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(ImcapError, ValueError):
+    label = "config error"
 
 
 @dataclass
@@ -134,16 +135,7 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    tree: dict[str, Any] = {}
-    if path is not None:
-        try:
-            tree = yaml.load(Path(path).read_text(), Loader=_TextLoader) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top, not {type(tree).__name__}")
+    tree = {} if path is None else _read_yaml(Path(path))
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -163,57 +155,10 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def validate(cfg: Config) -> None:
-    preemption_signal = getattr(signal, cfg.train.preemption_signal, None)  # SIG_IGN is a handler, not a signal
-    checks = [
-        (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
-        (cfg.data.captions_per_image >= 1, "data.captions_per_image must be >= 1"),
-        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
-        (cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0"),
-        (cfg.train.cpu_threads >= 0, "train.cpu_threads must be >= 0"),
-        (cfg.data.image_size >= 32, "data.image_size must be >= 32 (ResNet-50 downsamples by 32)"),
-        (
-            not (cfg.data.feature_cache and cfg.data.train_crop == "random"),
-            "data.feature_cache needs data.train_crop=center: a random crop changes the features every epoch",
-        ),
-        (cfg.text.min_word_count >= 1, "text.min_word_count must be >= 1"),
-        (cfg.text.max_length >= 1, "text.max_length must be >= 1"),
-        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
-        (cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
-        (cfg.train.lr > 0, "train.lr must be > 0"),
-        (cfg.train.layer4_lr > 0, "train.layer4_lr must be > 0"),
-        (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
-        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
-        (cfg.train.clip_grad_norm > 0, "train.clip_grad_norm must be > 0"),
-        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
-        (0.0 <= cfg.model.decoder.dropout < 1.0, "model.decoder.dropout must be in [0, 1)"),
-        (cfg.model.encoder.batchnorm_stats_images >= 0, "model.encoder.batchnorm_stats_images must be >= 0"),
-        (cfg.model.encoder.feature_stats_images >= 0, "model.encoder.feature_stats_images must be >= 0"),
-        (cfg.eval.max_length >= 1, "eval.max_length must be >= 1"),
-        (cfg.eval.beam_size >= 1, "eval.beam_size must be >= 1"),
-        (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
-        (cfg.eval.max_images >= 0, "eval.max_images must be >= 0"),
-        (cfg.eval.tensorboard_samples >= 0, "eval.tensorboard_samples must be >= 0"),
-        (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0"),
-        (cfg.eval.no_repeat_ngram >= 0, "eval.no_repeat_ngram must be >= 0"),
-        (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
-        (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
-        (
-            cfg.checkpoint.best_metric in (*METRICS, "val_loss"),
-            f"checkpoint.best_metric must be one of {', '.join((*METRICS, 'val_loss'))}",
-        ),
-        (
-            cfg.checkpoint.best_metric != "meteor" or cfg.eval.meteor == "every",
-            "checkpoint.best_metric=meteor needs eval.meteor=every: other evaluations do not compute it",
-        ),
-        (
-            isinstance(preemption_signal, signal.Signals) and preemption_signal not in (signal.SIGKILL, signal.SIGSTOP),
-            f"train.preemption_signal must name a signal that can be caught, e.g. SIGUSR1; "
-            f"got {cfg.train.preemption_signal!r}",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    """Raise a ConfigError with the first problem of config_problems, if any."""
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError(problems[0])
 
 
 class _TextLoader(yaml.SafeLoader):
@@ -225,8 +170,61 @@ class _TextLoader(yaml.SafeLoader):
     """
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 _TextLoader.yaml_implicit_resolvers = {}  # a new dict: SafeLoader keeps its resolvers
-_TextLoader.add_implicit_resolver("tag:yaml.org,2002:merge", re.compile(r"^<<$"), ["<"])  # `<<: *anchor` still merges
+_TextLoader.add_implicit_resolver(_MERGE_TAG, re.compile(r"^<<$"), ["<"])  # `<<: *anchor` still merges
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {reason(e)}") from None
+    loader = _TextLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}
+        _refuse_duplicate_keys(node, path, "", set())
+        tree = loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, not {type(tree).__name__}")
+    return tree
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: Path, prefix: str, walked: set[int]) -> None:
+    """A ConfigError for a key written twice in one mapping, at any depth: YAML would keep only the second,
+    so a section written twice would silently lose the first one's values."""
+    if id(node) in walked:  # an alias of a node already walked (a recursive one would never end)
+        return
+    walked.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, path, prefix, walked)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    lines: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == _MERGE_TAG:  # merged keys are defaults the mapping's own keys may override
+            _refuse_duplicate_keys(value_node, path, prefix, walked)
+            continue
+        if isinstance(key_node, yaml.ScalarNode):
+            key, line = key_node.value, key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(
+                    f"config file {path}: {prefix}{key} is written twice, at lines {lines[key]} and {line}; "
+                    "write each key once (the second would replace the first)"
+                )
+            lines[key] = line
+        _refuse_duplicate_keys(value_node, path, f"{prefix}{key_node.value}.", walked)
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -271,9 +269,12 @@ def _coerce(hint, value: Any, key: str):
         return value.lower() == "true"
     if hint in (int, float):
         try:
-            return hint(value)
+            number = hint(value)
         except ValueError:
             raise ConfigError(f"{key} must be {'an integer' if hint is int else 'a number'}; got {value!r}") from None
+        if not math.isfinite(number):  # float() reads inf and nan, which no setting means
+            raise ConfigError(f"{key} must be a finite number; got {value!r}")
+        return number
     if hint is str:
         return value
     raise TypeError(f"config field {key} has an unsupported type {hint}")

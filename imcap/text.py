@@ -10,9 +10,17 @@ from pathlib import Path
 
 import torch
 
+from imcap.errors import ImcapError, reason
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 VOCAB_FILE = "vocab.json"  # beside the shards, in every checkpoint
+
+
+class VocabularyError(ImcapError, ValueError):
+    """A vocab.json (beside the shards, in a checkpoint or an export) that is missing or not a vocabulary."""
+
+
 _WORD = re.compile(r"[^\W_]+(?:'[^\W\d_]+)?")  # letters and digits of any script; after ' letters only
 
 
@@ -68,7 +76,7 @@ class Vocabulary:
             data = json.loads(text)
             return cls(data["words"], data["min_word_count"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(
+            raise VocabularyError(
                 f"{source} is not an imcap vocabulary (expected JSON with 'words' and 'min_word_count'): {e}"
             ) from None
 
@@ -77,7 +85,11 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
-        return cls.from_json(Path(path).read_text(), source=str(path))
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise VocabularyError(f"vocabulary {path} cannot be read: {reason(e)}") from None
+        return cls.from_json(text, source=str(path))
 
 
 def pad_captions(encoded: list[list[int]], pad: int) -> torch.Tensor:

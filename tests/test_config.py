@@ -1,6 +1,9 @@
+import dataclasses
+import typing
+
 import pytest
 
-from imcap.config import ConfigError, load_config
+from imcap.config import Config, ConfigError, load_config
 
 
 def test_yaml_and_dotted_overrides_resolve_to_typed_values(tmp_path):
@@ -71,6 +74,17 @@ def test_every_shipped_config_loads():
         (["train.layer4_lr=0"], "train.layer4_lr must be > 0"),
         (["eval.no_repeat_ngram=-1"], "eval.no_repeat_ngram must be >= 0"),
         (["train.lr=fast"], "train.lr must be a number; got 'fast'"),
+        (["train.lr=inf"], "train.lr must be a finite number; got 'inf'"),
+        (["train.lr=nan"], "train.lr must be a finite number; got 'nan'"),
+        (["eval.length_penalty=-inf"], "eval.length_penalty must be a finite number; got '-inf'"),
+        (["model.decoder.dropout=1e999"], "model.decoder.dropout must be a finite number; got '1e999'"),
+        (["run_name="], "run_name must name one directory inside runs_dir"),
+        (["run_name=."], "run_name must name one directory inside runs_dir (not empty, . or .., no /); got '.'"),
+        (["run_name=.."], "run_name must name one directory inside runs_dir"),
+        (["run_name=a/b"], "run_name must name one directory inside runs_dir (not empty, . or .., no /); got 'a/b'"),
+        (["run_name=/tmp/x"], "run_name must name one directory inside runs_dir"),
+        (["train.seed=-1"], "train.seed must be in [0, 2**32), the seeds numpy accepts; got -1"),
+        ([f"train.seed={2**32}"], f"train.seed must be in [0, 2**32), the seeds numpy accepts; got {2**32}"),
     ],
 )
 def test_bad_keys_and_values_are_errors_naming_the_key(override, message):
@@ -110,3 +124,73 @@ def test_missing_or_invalid_yaml_file_is_named(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  lr: 1e-3\nrun_name: x\ntrain:\n  epochs: 2\n", "train is written twice, at lines 1 and 4"),
+        (
+            "model:\n  decoder:\n    embed_dim: 8\n    embed_dim: 16\n",
+            "model.decoder.embed_dim is written twice, at lines 3 and 4",
+        ),
+        ("run_name: a\n'run_name': b\n", "run_name is written twice, at lines 1 and 2"),
+        ("data: {batch_size: 4, batch_size: 8}\n", "data.batch_size is written twice, at lines 1 and 1"),
+    ],
+    ids=["section", "nested key", "quoted key", "flow mapping"],
+)
+def test_a_key_written_twice_in_a_yaml_file_is_an_error_naming_the_file_the_key_and_both_lines(tmp_path, text, message):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"config file {path}: {message}")
+
+
+def test_a_mapping_may_override_the_keys_it_merges_from_an_anchor(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("model:\n  decoder:\n    <<: {hidden_dim: 32, dropout: 0.1}\n    hidden_dim: 64\n")
+    decoder = load_config(path).model.decoder
+    assert (decoder.hidden_dim, decoder.dropout) == (64, 0.1)
+
+
+def test_invalid_yaml_is_one_line_naming_the_file_and_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: 1e-3\n  epochs: [1, 2\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(bad)
+    message = str(error.value)
+    assert message.startswith(f"config file {bad} is not valid YAML: ") and "\n" not in message
+    assert "at line 4, column 1" in message
+
+
+def float_keys(cls=Config, prefix: str = "") -> list[str]:
+    """The dotted key of every float field of the config tree."""
+    keys = []
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys += float_keys(hint, f"{prefix}{name}.")
+        elif hint is float:
+            keys.append(prefix + name)
+    return keys
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", "Infinity", "1e400"])
+def test_every_float_key_refuses_a_value_that_is_not_finite(text):
+    keys = float_keys()
+    assert "train.lr" in keys and "eval.length_penalty" in keys
+    for key in keys:
+        with pytest.raises(ConfigError, match=f"^{key} must be a finite number; got '{text}'$"):
+            load_config(None, [f"{key}={text}"])
+
+
+@pytest.mark.parametrize("seed", ["0", "4294967295"])
+def test_the_smallest_and_largest_seeds_are_accepted(seed):
+    assert load_config(None, [f"train.seed={seed}"]).train.seed == int(seed)
+
+
+def test_an_empty_run_name_in_a_yaml_file_is_refused(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("run_name:\n")
+    with pytest.raises(ConfigError, match="run_name must name one directory inside runs_dir"):
+        load_config(path)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from imcap.cli import shards
-from imcap.config import ConfigError, load_config
+from imcap.config import load_config
+from imcap.errors import EXIT_USER_ERROR, ImcapError, error_line
 
 
 def cmd_train(args) -> None:
@@ -142,18 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `imcap` command -> its exit status: 0, a command's own result (`shards check`: 1 for problems
+    found), EXIT_USER_ERROR for an ImcapError, printed as one line, or EXIT_PREEMPTED."""
     from imcap.distributed import EXIT_PREEMPTED, Preempted
 
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except ConfigError as e:
-        print(f"imcap: config error: {e}", file=sys.stderr)
-        return 2
+        return args.func(args) or 0
+    except ImcapError as e:
+        # every rank of a launch prints its own: the launcher may stop the others before they print theirs
+        print(error_line(e, int(os.environ.get("RANK", "0"))), file=sys.stderr)
+        return EXIT_USER_ERROR
     except Preempted as e:
         print(f"imcap: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import webdataset as wds
 
+from imcap.errors import ImcapError
+
 SIZES_FILE = "sizes.json"
 FEATURES_DIR = "features"  # <shards>/features/<digest>/: feature caches made from the shards (feature_cache.py)
 
 
-class DataError(ValueError):
+class DataError(ImcapError, ValueError):
     """Shards that cannot be used as asked: none where they should be, no sample count, no usable sample."""
 
 
@@ -163,9 +165,9 @@ def read_sizes(shard_dir: str | Path) -> dict[str, int]:
     try:
         sizes = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f'{path} is not valid JSON ({e}); expected {{"<shard>.tar": <samples>, ...}}') from None
+        raise DataError(f'{path} is not valid JSON ({e}); expected {{"<shard>.tar": <samples>, ...}}') from None
     if not isinstance(sizes, dict) or not all(isinstance(v, int) for v in sizes.values()):
-        raise ValueError(f'{path} must map shard file names to sample counts, e.g. {{"train-000000.tar": 1000}}')
+        raise DataError(f'{path} must map shard file names to sample counts, e.g. {{"train-000000.tar": 1000}}')
     return sizes
 
 

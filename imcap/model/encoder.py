@@ -9,12 +9,13 @@ import torchvision
 from torch import nn
 
 from imcap.data.batch import CachedFeatures, Images
+from imcap.errors import ImcapError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsError(RuntimeError):
+class WeightsError(ImcapError, RuntimeError):
     pass
 
 

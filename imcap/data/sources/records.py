@@ -13,8 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
+from imcap.errors import ImcapError
 
-class SourceError(ValueError):
+
+class SourceError(ImcapError, ValueError):
     """A source file that cannot be read as the layout it should have."""
 
 
