@@ -372,3 +372,23 @@ def test_shards_without_a_usable_sample_are_an_error_naming_them_not_an_endless_
     assert len(stream_ids(shards, collate, rank=0, **kw)) == 2  # rank 0 owns the good shard, rank 1 the bad one
     with pytest.raises(DataError, match=re.escape(f"no usable sample in {shards[1]}: 4 skipped")):
         stream_ids(shards, collate, rank=1, **kw)
+
+
+def test_samples_whose_keys_hold_dots_train_evaluate_and_check_whole(tmp_path):
+    """Scraped shards name samples like img.v2.part1: each member splits at its last dot, not its first."""
+    from imcap.data.check import check_shards
+
+    keys = [f"img.v{i}.part{i % 3}" for i in range(8)]
+    png = image_bytes(Image.new("RGB", (16, 16), "red"), "PNG")
+    with ShardWriter(tmp_path, "train", max_samples=4) as writer:
+        for key in keys:
+            writer.write(sample(key, png, "png", [f"a red square {key}"]))
+    shards, collate = list_shards(str(tmp_path), "train"), Collate(Vocabulary.build(["a red square"], 1), 8, 1)
+    kw = {**TRAIN_LOADER, "image_size": 16, "num_batches": 2}
+    trained = list(make_train_loader(shards, collate, **kw))
+    assert sorted(i for b in trained for i in b.image_ids) == sorted(keys) and sum(b.skipped for b in trained) == 0
+    [evaluated] = make_eval_loader(shards, collate, batch_size=8, image_size=16)
+    assert evaluated.image_ids == keys and evaluated.skipped == 0
+    assert sorted(split_captions(shards)) == sorted(f"a red square {key}" for key in keys)
+    problems, summary = check_shards(str(tmp_path))
+    assert problems == [] and "checked 2 shards, 8 samples: 0 bad samples" in summary

@@ -8,12 +8,18 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import webdataset as wds
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 
 SIZES_FILE = "sizes.json"
+# What a member name may end in after a sample key that holds dots (img.v2.jpg): the extensions imcap
+# reads or writes, and ones other WebDataset writers commonly add beside them.
+MEMBER_EXTENSIONS = frozenset(
+    ("jpg", "jpeg", "png", "webp", "json", "txt", "safetensors", "cls", "npy", "pth", "pyd", "gif", "tif", "tiff")
+)
 FEATURES_DIR = "features"  # <shards>/features/<digest>/: feature caches made from the shards (feature_cache.py)
 
 
@@ -53,14 +59,32 @@ def count_samples(shards: list[str]) -> int:
     return total
 
 
+def member_key(name: str) -> tuple[str | None, str | None]:
+    """A tar member's name -> (sample key, extension). It splits at the last dot when what follows is one of
+    MEMBER_EXTENSIONS, so that a key may hold dots (img.v2.part1.jpg: key img.v2.part1); other names split
+    as webdataset splits them, at the first dot of the file name."""
+    key, dot, ext = name.rpartition(".")
+    if key and not key.endswith("/") and ext.lower() in MEMBER_EXTENSIONS:
+        return key, ext
+    return base_plus_ext(name)
+
+
+def read_samples(
+    urls: Iterable[str], handler: Callable[[Exception], bool], select_files: Callable[[str], bool] | None = None
+) -> Iterator[dict]:
+    """The samples of these tars, in order (extension -> bytes, with __key__ and __url__): webdataset's own
+    stages, members grouped by member_key. handler(exception) returns True to skip what cannot be read."""
+    opened = url_opener(({"url": url} for url in urls), handler=handler)
+    members = tar_file_expander(opened, handler=handler, select_files=select_files)
+    return group_by_keys(members, keys=member_key, handler=handler)
+
+
 def read_shard(shard: str, errors: list[str]) -> Iterator[dict]:
     """The raw samples of one shard (extension -> bytes), grouped as the trainer groups them. If the tar
     cannot be read to its end, why goes into errors (webdataset reports one failure at several levels;
     the outermost says it best)."""
     failures = []
-    yield from wds.DataPipeline(
-        wds.SimpleShardList([shard]), wds.tarfile_to_samples(handler=lambda exn: failures.append(exn) or True)
-    )
+    yield from read_samples([shard], handler=lambda exn: failures.append(exn) or True)
     if failures:
         errors.append(f"{type(failures[-1]).__name__}: {failures[-1].args[0]}")
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from imcap.config import DataConfig
 from imcap.data.batch import Batch, Collate
 from imcap.data.samples import Sample, SampleError, decode_sample
-from imcap.data.shards import DataError
+from imcap.data.shards import DataError, read_samples
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class SkipCounter:
 
 def tar_samples(shards: list[str], counter: SkipCounter) -> Iterator[dict]:
     """Raw samples of these shards, in order; an unreadable member or tar is skipped and counted."""
-    return iter(wds.DataPipeline(lambda: ({"url": u} for u in shards), wds.tarfile_to_samples(handler=counter.handler)))
+    return read_samples(shards, handler=counter.handler)
 
 
 def decoded(samples: Iterator[dict], decode: Callable[[dict], Sample], counter: SkipCounter) -> Iterator[Sample]:
