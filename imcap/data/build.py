@@ -80,7 +80,8 @@ def _shown(caption) -> str:
 
 
 def encode_record(record: Record, resize: int, quality: int) -> Encoded:
-    """A record -> a sample (image, `json` with image_id and captions, `txt` with the first caption)."""
+    """A record -> a sample (image, `json` with image_id, captions and the source's file name, `txt` with the
+    first caption)."""
     problems, captions = [], []
     for caption in record.captions:
         reason = caption_problem(caption)
@@ -94,7 +95,7 @@ def encode_record(record: Record, resize: int, quality: int) -> Encoded:
         ext, data = stored_image(_image_bytes(record), resize, quality)
     except _ImageProblem as e:
         return Encoded(None, [], problems + [Problem(e.reason, record.origin, e.detail)])
-    meta = {"image_id": record.image_id, "captions": captions}
+    meta = {"image_id": record.image_id, "captions": captions, **({"file": record.name} if record.name else {})}
     sample = {
         "__key__": record.key,
         ext: data,

@@ -96,14 +96,15 @@ def shard_name(split: str, index: int) -> str:
 class TarShard:
     """One tar written under a temporary name and renamed into place when closed without error.
 
-    Tar headers carry no time, user or mode of this machine, so the same samples give the same bytes.
+    Tar headers carry no time, user or mode of this machine, so the same samples give the same bytes. A
+    name over ustar's 100 characters (a long escaped key) goes into a pax header; shorter ones need none.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.file = open(self.tmp, "wb")
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
         self.count = 0
 
     def write(self, sample: dict) -> None:
