@@ -392,3 +392,32 @@ def test_samples_whose_keys_hold_dots_train_evaluate_and_check_whole(tmp_path):
     assert sorted(split_captions(shards)) == sorted(f"a red square {key}" for key in keys)
     problems, summary = check_shards(str(tmp_path))
     assert problems == [] and "checked 2 shards, 8 samples: 0 bad samples" in summary
+
+
+def demo_train_copy(demo_shards: Path, directory: Path, recorded: dict[str, int]) -> list[str]:
+    """The demo train shards in a directory of their own, sizes.json changed to say `recorded` of some."""
+    directory.mkdir()
+    for shard in list_shards(str(demo_shards), "train"):
+        shutil.copy(shard, directory)
+    sizes = {name: n for name, n in json.loads((demo_shards / "sizes.json").read_text()).items() if "train" in name}
+    (directory / "sizes.json").write_text(json.dumps({**sizes, **recorded}))
+    return list_shards(str(directory), "train")
+
+
+@pytest.mark.parametrize("recorded, workers", [(5, 0), (20, 2)])
+def test_an_epoch_trains_on_the_samples_the_shards_hold_or_stops_naming_the_shard_sizes_json_miscounts(
+    demo_shards, tmp_path, recorded, workers
+):
+    """An epoch's length comes from sizes.json: 5 of 12 would leave 7 untrained every epoch, 20 would repeat 8."""
+    collate = demo_collate(demo_shards)
+    kw = {**TRAIN_LOADER, "batch_size": 8, "epochs": 2, "num_workers": workers}
+    shards = demo_train_copy(demo_shards, tmp_path / "right", {})
+    batches = list(make_train_loader(shards, collate, num_batches=count_samples(shards) // 8, **kw))
+    for epoch in (batches[:12], batches[12:]):  # every sample once per epoch
+        assert Counter(i for b in epoch for i in b.image_ids) == Counter(f"train_{i:06d}" for i in range(96))
+
+    shards = demo_train_copy(demo_shards, tmp_path / "wrong", {"train-000003.tar": recorded})
+    wrong = tmp_path / "wrong" / "train-000003.tar"
+    expected = f"{wrong}: {tmp_path / 'wrong' / 'sizes.json'} records {recorded} samples, but reading it gave 12"
+    with pytest.raises(DataError, match=re.escape(expected) + ".*" + re.escape("imcap shards check --fix-sizes")):
+        list(make_train_loader(shards, collate, num_batches=count_samples(shards) // 8, **kw))

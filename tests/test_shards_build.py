@@ -674,6 +674,18 @@ def test_check_reports_counts_that_disagree_with_sizes_json_and_fix_sizes_rewrit
     assert code == 0 and read_sizes(tmp_path) == sizes
 
 
+def test_check_reports_a_shard_listed_in_sizes_json_that_does_not_exist_and_fix_sizes_removes_it(tmp_path, capsys):
+    write_noise_shards(tmp_path)
+    sizes = read_sizes(tmp_path)
+    (tmp_path / "sizes.json").write_text(json.dumps({**sizes, "train-000003.tar": 4}))  # e.g. deleted since
+    code, output = run_check(capsys, tmp_path)
+    assert code == 1
+    assert f"{tmp_path / 'train-000003.tar'}: listed in {tmp_path / 'sizes.json'} with 4 samples, but there" in output
+
+    code, output = run_check(capsys, tmp_path, "--fix-sizes")
+    assert code == 0 and read_sizes(tmp_path) == sizes
+
+
 # ------------------------------------------------------------------------------ img2dataset shards
 
 

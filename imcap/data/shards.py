@@ -46,17 +46,23 @@ def list_shards(spec: str, split: str | None = None) -> list[str]:
 
 def count_samples(shards: list[str]) -> int:
     """Samples in these shards, from the sizes.json beside them."""
-    total = 0
+    return sum(recorded_sizes(shards).values())
+
+
+def recorded_sizes(shards: list[str]) -> dict[str, int]:
+    """shard -> its sample count in the sizes.json beside it."""
+    by_directory: dict[Path, dict[str, int]] = {}
+    recorded = {}
     for shard in shards:
-        sizes = read_sizes(Path(shard).parent)
-        name = Path(shard).name
+        directory, name = Path(shard).parent, Path(shard).name
+        sizes = by_directory.setdefault(directory, read_sizes(directory))
         if name not in sizes:
             raise DataError(
-                f"{Path(shard).parent / 'sizes.json'} has no sample count for {name}; "
+                f"{directory / SIZES_FILE} has no sample count for {name}; "
                 "rebuild the shards or run `imcap shards check --fix-sizes` on them"
             )
-        total += sizes[name]
-    return total
+        recorded[shard] = sizes[name]
+    return recorded
 
 
 def member_key(name: str) -> tuple[str | None, str | None]:
@@ -195,8 +201,11 @@ def read_sizes(shard_dir: str | Path) -> dict[str, int]:
 
 
 def update_sizes(shard_dir: str | Path, sizes: dict[str, int]) -> None:
-    merged = {**read_sizes(shard_dir), **sizes}
-    atomic_write(Path(shard_dir) / SIZES_FILE, json.dumps(dict(sorted(merged.items())), indent=1))
+    write_sizes(shard_dir, {**read_sizes(shard_dir), **sizes})
+
+
+def write_sizes(shard_dir: str | Path, sizes: dict[str, int]) -> None:
+    atomic_write(Path(shard_dir) / SIZES_FILE, json.dumps(dict(sorted(sizes.items())), indent=1))
 
 
 def atomic_write(path: Path, text: str) -> None:
