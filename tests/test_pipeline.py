@@ -232,6 +232,19 @@ def test_captions_come_from_json_or_txt(tmp_path):
     assert sorted(split_captions(list_shards(str(tmp_path), "train"))) == ["from img2dataset json", "from the txt"]
 
 
+def test_captions_without_a_word_are_no_training_target_in_shards_built_elsewhere(tmp_path):
+    png = image_bytes(Image.new("RGB", (8, 8)), "PNG")
+    with ShardWriter(tmp_path, "train", max_samples=10) as writer:
+        writer.write(sample("some", png, "png", ["...", "a thing", "!!"]))
+        writer.write(sample("none", png, "png", ["?!", "..."]))
+        writer.write({"__key__": "txt", "png": png, "txt": b"..."})
+    shards, vocab = list_shards(str(tmp_path), "train"), Vocabulary.build(["a thing"], 1)
+    assert split_captions(shards) == ["a thing"]
+    [batch] = make_eval_loader(shards, Collate(vocab, 5, 2), batch_size=8, image_size=8)
+    assert batch.image_ids == ["some"] and batch.references == [["a thing"]] and batch.skipped == 2
+    assert batch.captions[0].tolist() == [vocab.encode("a thing", 5)] * 2
+
+
 def test_every_rank_and_worker_yields_the_computed_number_of_batches(demo_shards):
     shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards)
     assert count_samples(shards) == 96

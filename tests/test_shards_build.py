@@ -422,6 +422,22 @@ def test_bad_images_and_captions_are_reported_and_every_good_image_lands_in_the_
     assert all_files(tmp_path / "again") == all_files(out)
 
 
+def test_a_caption_of_punctuation_only_is_left_out_and_reported_as_without_words(tmp_path):
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (16, 16)).save(tmp_path / name)
+    (tmp_path / "captions.csv").write_text('image,caption\na.jpg,...\na.jpg,a black square\na.jpg,!!\nb.jpg," - "\n')
+    report = build(read_table([("train", tmp_path / "captions.csv")], None, "image", "caption"), tmp_path / "out")
+
+    assert report["problems_by_reason"] == {"caption without words": 3, "no captions": 1}
+    assert sorted(p["detail"] for p in report["problems"] if p["reason"] == "caption without words") == [
+        " - ",
+        "!!",
+        "...",
+    ]
+    samples = shard_samples(tmp_path / "out")
+    assert list(samples) == ["a"] and json.loads(samples["a"]["json"])["captions"] == ["a black square"]
+
+
 @pytest.mark.parametrize(
     "write, expected",
     [

@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
+from imcap.text import tokenize
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SKIPPED_IN_CACHE = "skipped_in_cache"  # the JSON field of a feature cache's marker for a sample it could not encode
 Image.MAX_IMAGE_PIXELS = 16384 * 16384  # larger is treated as a decompression bomb: skipped, counted
@@ -113,7 +115,7 @@ def skipped_sample(key: str, reason: str) -> dict:
 
 
 def sample_captions(sample: dict) -> list[str]:
-    """The captions of a raw sample: its JSON's "captions" or "caption", else its txt."""
+    """The captions of a raw sample that hold a word: its JSON's "captions" or "caption", else its txt."""
     captions: list[str] = []
     if "json" in sample:
         meta = json.loads(sample["json"])
@@ -123,7 +125,7 @@ def sample_captions(sample: dict) -> list[str]:
         captions = [found] if isinstance(found, str) else found if isinstance(found, list) else []  # null: img2dataset
     if not captions and "txt" in sample:
         captions = [sample["txt"].decode("utf-8")]
-    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+    captions = [c.strip() for c in captions if isinstance(c, str) and tokenize(c)]  # "...": no training target
     if not captions:
         raise SampleError("no caption")
     return captions
