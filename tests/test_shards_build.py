@@ -438,6 +438,21 @@ def test_a_caption_of_punctuation_only_is_left_out_and_reported_as_without_words
     assert list(samples) == ["a"] and json.loads(samples["a"]["json"])["captions"] == ["a black square"]
 
 
+def test_a_row_listed_twice_in_a_table_gives_its_caption_once_and_is_reported(tmp_path):
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (16, 16)).save(tmp_path / name)
+    rows = ["a.jpg,a dog", "b.jpg,a dog", "a.jpg,a dog on grass", "a.jpg,a dog", 'b.jpg,"[""a cat"", ""a cat ""]"']
+    (tmp_path / "captions.csv").write_text("image,caption\n" + "\n".join(rows) + "\n")
+    report = build(read_table([("train", tmp_path / "captions.csv")], None, "image", "caption"), tmp_path / "out")
+
+    assert [(p["reason"], Path(p["file"]).name, p["detail"]) for p in report["problems"]] == [
+        ("duplicate caption", "captions.csv:5", "a.jpg: 'a dog', as on line 2"),
+        ("duplicate caption", "captions.csv:6", "b.jpg: 'a cat', as on line 6"),
+    ]
+    captions = {key: json.loads(s["json"])["captions"] for key, s in shard_samples(tmp_path / "out").items()}
+    assert captions == {"a": ["a dog", "a dog on grass"], "b": ["a dog", "a cat"]}
+
+
 @pytest.mark.parametrize(
     "write, expected",
     [
