@@ -245,6 +245,23 @@ def test_captions_without_a_word_are_no_training_target_in_shards_built_elsewher
     assert batch.captions[0].tolist() == [vocab.encode("a thing", 5)] * 2
 
 
+def test_training_with_more_captions_per_image_than_some_images_have_says_so_once(tmp_path, caplog):
+    png = image_bytes(Image.new("RGB", (8, 8)), "PNG")
+    with ShardWriter(tmp_path, "train", max_samples=10) as writer:
+        for i, count in enumerate([3, 1, 3, 2]):
+            writer.write(sample(f"img{i}", png, "png", [f"thing {j}" for j in range(count)]))
+    shards, vocab = list_shards(str(tmp_path), "train"), Vocabulary.build(["thing 0 1 2"], 1)
+    kw = {**TRAIN_LOADER, "image_size": 8, "batch_size": 4, "num_batches": 1, "epochs": 3}
+    assert len(list(make_train_loader(shards, Collate(vocab, 5, 3), **kw))) == 3
+    [warning] = [r.getMessage() for r in caplog.records if "captions_per_image" in r.getMessage()]
+    assert re.match(
+        r"data.captions_per_image=3, but 2 of a batch's 4 images have fewer captions \(img[13] has [12]\)", warning
+    )
+    caplog.clear()
+    list(make_eval_loader(shards, Collate(vocab, 5, 3), batch_size=4, image_size=8))  # repeats the first, as documented
+    assert "captions_per_image" not in caplog.text
+
+
 def test_every_rank_and_worker_yields_the_computed_number_of_batches(demo_shards):
     shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards)
     assert count_samples(shards) == 96
