@@ -128,7 +128,9 @@ def build_cache_shards(
     return sizes
 
 
-def _cache_shard(tar: TarShard, shard: str, encoder: EncoderCNN, image_size: int, batch_size: int, dtype) -> list:
+def _cache_shard(
+    tar: TarShard, shard: str, encoder: EncoderCNN, image_size: int, batch_size: int, dtype
+) -> list[tuple[str, str]]:
     """The cache samples of one source shard, in its order: features, or a marker for a sample that cannot
     be decoded. -> (key, reason) of each marked."""
     device = encoder.mean.device

@@ -15,12 +15,12 @@ import webdataset as wds
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 
 SIZES_FILE = "sizes.json"
+FEATURES_DIR = "features"  # <shards>/features/<digest>/: feature caches made from the shards (feature_cache.py)
 # What a member name may end in after a sample key that holds dots (img.v2.jpg): the extensions imcap
 # reads or writes, and ones other WebDataset writers commonly add beside them.
 MEMBER_EXTENSIONS = frozenset(
     ("jpg", "jpeg", "png", "webp", "json", "txt", "safetensors", "cls", "npy", "pth", "pyd", "gif", "tif", "tiff")
 )
-FEATURES_DIR = "features"  # <shards>/features/<digest>/: feature caches made from the shards (feature_cache.py)
 
 
 class DataError(ValueError):
