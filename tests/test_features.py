@@ -5,12 +5,12 @@ import shutil
 
 import pytest
 import torch
-from helpers import ROOT, tiny_overrides
+from helpers import ROOT, TRAIN_LOADER, demo_collate, make_train_loader, tiny_overrides
 
 from imcap.cli import main as imcap
 from imcap.config import ConfigError, load_config
 from imcap.data.feature_cache import build_cache_shards, cache_is_complete, finish_cache
-from imcap.data.shards import DataError, ShardWriter, iter_tar_members, list_shards, read_sizes
+from imcap.data.shards import DataError, ShardWriter, iter_tar_members, list_shards, read_shard, read_sizes
 from imcap.model.encoder import EncoderCNN
 from imcap.train import train
 
@@ -20,6 +20,7 @@ FROZEN = [
     "model.encoder.batchnorm_stats_images=0",
     "train.mixed_precision=no",
 ]
+TRAIN_LOADER_8 = {**TRAIN_LOADER, "batch_size": 8, "train_crop": "center"}
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +159,36 @@ def test_a_cache_of_shards_rebuilt_in_place_is_built_again_from_the_new_shards(d
 
     finish_cache(cache, str(source), cache_val_split(source, cache), encoder, 64, "none", "bf16")
     assert cache_is_complete(cache, str(source)) and val_captions(cache) == [["a new caption"]] * 32
+
+
+def with_one_image_cut_short(demo_shards, source) -> str:
+    """The first two demo train shards, the 6th image cut short; -> its key."""
+    with ShardWriter(source, "train", max_samples=12) as writer:
+        samples = (s for shard in list_shards(str(demo_shards), "train")[:2] for s in read_shard(shard, []))
+        for i, sample in enumerate(samples):
+            if i == 5:
+                cut, sample["png"] = sample["__key__"], sample["png"][: len(sample["png"]) // 2]
+            writer.write(sample)
+    return cut
+
+
+def test_a_sample_the_cache_cannot_encode_is_skipped_and_counted_in_every_epoch_as_from_the_images(
+    demo_shards, tmp_path, caplog
+):
+    """Three epochs of 3 batches of 8 from the images and from their cache: 23 usable of 24 samples."""
+    source, cache = tmp_path / "source", tmp_path / "cache"
+    cut = with_one_image_cut_short(demo_shards, source)
+    torch.manual_seed(0)
+    encoder = EncoderCNN("none", channels_last=False)
+    sizes = build_cache_shards(encoder, str(source), ["train"], cache, 64, 16)
+    finish_cache(cache, str(source), sizes, encoder, 64, "none", "fp32")
+
+    def skipped_by_epoch(shards: list[str]) -> list[int]:
+        batches = list(make_train_loader(shards, demo_collate(demo_shards), epochs=3, num_batches=3, **TRAIN_LOADER_8))
+        return [sum(b.skipped for b in batches[epoch * 3 : epoch * 3 + 3]) for epoch in range(3)]
+
+    from_images = skipped_by_epoch(list_shards(str(source), "train"))
+    assert skipped_by_epoch(list_shards(str(cache), "train")) == from_images and min(from_images) >= 1
+    assert f"{source / 'train-000000.tar'}: 1 of its samples could not be cached (the first: {cut}" in caplog.text
+    resumed = build_cache_shards(encoder, str(source), ["train"], cache, 64, 16)  # counts the shards it keeps
+    assert read_sizes(cache) == read_sizes(source) == resumed

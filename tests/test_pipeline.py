@@ -232,6 +232,36 @@ def test_captions_come_from_json_or_txt(tmp_path):
     assert sorted(split_captions(list_shards(str(tmp_path), "train"))) == ["from img2dataset json", "from the txt"]
 
 
+def test_captions_without_a_word_are_no_training_target_in_shards_built_elsewhere(tmp_path):
+    png = image_bytes(Image.new("RGB", (8, 8)), "PNG")
+    with ShardWriter(tmp_path, "train", max_samples=10) as writer:
+        writer.write(sample("some", png, "png", ["...", "a thing", "!!"]))
+        writer.write(sample("none", png, "png", ["?!", "..."]))
+        writer.write({"__key__": "txt", "png": png, "txt": b"..."})
+    shards, vocab = list_shards(str(tmp_path), "train"), Vocabulary.build(["a thing"], 1)
+    assert split_captions(shards) == ["a thing"]
+    [batch] = make_eval_loader(shards, Collate(vocab, 5, 2), batch_size=8, image_size=8)
+    assert batch.image_ids == ["some"] and batch.references == [["a thing"]] and batch.skipped == 2
+    assert batch.captions[0].tolist() == [vocab.encode("a thing", 5)] * 2
+
+
+def test_training_with_more_captions_per_image_than_some_images_have_says_so_once(tmp_path, caplog):
+    png = image_bytes(Image.new("RGB", (8, 8)), "PNG")
+    with ShardWriter(tmp_path, "train", max_samples=10) as writer:
+        for i, count in enumerate([3, 1, 3, 2]):
+            writer.write(sample(f"img{i}", png, "png", [f"thing {j}" for j in range(count)]))
+    shards, vocab = list_shards(str(tmp_path), "train"), Vocabulary.build(["thing 0 1 2"], 1)
+    kw = {**TRAIN_LOADER, "image_size": 8, "batch_size": 4, "num_batches": 1, "epochs": 3}
+    assert len(list(make_train_loader(shards, Collate(vocab, 5, 3), **kw))) == 3
+    [warning] = [r.getMessage() for r in caplog.records if "captions_per_image" in r.getMessage()]
+    assert re.match(
+        r"data.captions_per_image=3, but 2 of a batch's 4 images have fewer captions \(img[13] has [12]\)", warning
+    )
+    caplog.clear()
+    list(make_eval_loader(shards, Collate(vocab, 5, 3), batch_size=4, image_size=8))  # repeats the first, as documented
+    assert "captions_per_image" not in caplog.text
+
+
 def test_every_rank_and_worker_yields_the_computed_number_of_batches(demo_shards):
     shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards)
     assert count_samples(shards) == 96
@@ -372,3 +402,52 @@ def test_shards_without_a_usable_sample_are_an_error_naming_them_not_an_endless_
     assert len(stream_ids(shards, collate, rank=0, **kw)) == 2  # rank 0 owns the good shard, rank 1 the bad one
     with pytest.raises(DataError, match=re.escape(f"no usable sample in {shards[1]}: 4 skipped")):
         stream_ids(shards, collate, rank=1, **kw)
+
+
+def test_samples_whose_keys_hold_dots_train_evaluate_and_check_whole(tmp_path):
+    """Scraped shards name samples like img.v2.part1: each member splits at its last dot, not its first."""
+    from imcap.data.check import check_shards
+
+    keys = [f"img.v{i}.part{i % 3}" for i in range(8)]
+    png = image_bytes(Image.new("RGB", (16, 16), "red"), "PNG")
+    with ShardWriter(tmp_path, "train", max_samples=4) as writer:
+        for key in keys:
+            writer.write(sample(key, png, "png", [f"a red square {key}"]))
+    shards, collate = list_shards(str(tmp_path), "train"), Collate(Vocabulary.build(["a red square"], 1), 8, 1)
+    kw = {**TRAIN_LOADER, "image_size": 16, "num_batches": 2}
+    trained = list(make_train_loader(shards, collate, **kw))
+    assert sorted(i for b in trained for i in b.image_ids) == sorted(keys) and sum(b.skipped for b in trained) == 0
+    [evaluated] = make_eval_loader(shards, collate, batch_size=8, image_size=16)
+    assert evaluated.image_ids == keys and evaluated.skipped == 0
+    assert sorted(split_captions(shards)) == sorted(f"a red square {key}" for key in keys)
+    problems, summary = check_shards(str(tmp_path))
+    assert problems == [] and "checked 2 shards, 8 samples: 0 bad samples" in summary
+
+
+def demo_train_copy(demo_shards: Path, directory: Path, recorded: dict[str, int]) -> list[str]:
+    """The demo train shards in a directory of their own, sizes.json changed to say `recorded` of some."""
+    directory.mkdir()
+    for shard in list_shards(str(demo_shards), "train"):
+        shutil.copy(shard, directory)
+    sizes = {name: n for name, n in json.loads((demo_shards / "sizes.json").read_text()).items() if "train" in name}
+    (directory / "sizes.json").write_text(json.dumps({**sizes, **recorded}))
+    return list_shards(str(directory), "train")
+
+
+@pytest.mark.parametrize("recorded, workers", [(5, 0), (20, 2)])
+def test_an_epoch_trains_on_the_samples_the_shards_hold_or_stops_naming_the_shard_sizes_json_miscounts(
+    demo_shards, tmp_path, recorded, workers
+):
+    """An epoch's length comes from sizes.json: 5 of 12 would leave 7 untrained every epoch, 20 would repeat 8."""
+    collate = demo_collate(demo_shards)
+    kw = {**TRAIN_LOADER, "batch_size": 8, "epochs": 2, "num_workers": workers}
+    shards = demo_train_copy(demo_shards, tmp_path / "right", {})
+    batches = list(make_train_loader(shards, collate, num_batches=count_samples(shards) // 8, **kw))
+    for epoch in (batches[:12], batches[12:]):  # every sample once per epoch
+        assert Counter(i for b in epoch for i in b.image_ids) == Counter(f"train_{i:06d}" for i in range(96))
+
+    shards = demo_train_copy(demo_shards, tmp_path / "wrong", {"train-000003.tar": recorded})
+    wrong = tmp_path / "wrong" / "train-000003.tar"
+    expected = f"{wrong}: {tmp_path / 'wrong' / 'sizes.json'} records {recorded} samples, but reading it gave 12"
+    with pytest.raises(DataError, match=re.escape(expected) + ".*" + re.escape("imcap shards check --fix-sizes")):
+        list(make_train_loader(shards, collate, num_batches=count_samples(shards) // 8, **kw))

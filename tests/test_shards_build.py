@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.parse
 import zlib
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def test_flickr8k_csv_builds_shards_with_every_image_and_caption_byte_for_byte(f
         assert in_shards == sorted(keys)  # every image of the split, in key order
         for name, key in zip(names, keys):
             meta = json.loads(samples[key]["json"])
-            assert meta == {"image_id": key, "captions": flickr["captions"][name]}
+            assert meta == {"image_id": key, "captions": flickr["captions"][name], "file": name}
             assert samples[key]["txt"] == flickr["captions"][name][0].encode()
             assert samples[key]["jpg"] == (flickr["images"] / name).read_bytes()  # original bytes kept
     for shard in sorted(out.glob("*.tar")):
@@ -151,7 +152,7 @@ def test_coco_captions_json_builds_shards_with_every_image_and_caption(shared_da
     for image in annotations["images"]:
         sample = samples[Path(image["file_name"]).stem]
         expected = [a["caption"] for a in annotations["annotations"] if a["image_id"] == image["id"]]
-        assert json.loads(sample["json"]) == {"image_id": image["id"], "captions": expected}
+        assert json.loads(sample["json"]) == {"image_id": image["id"], "captions": expected, "file": image["file_name"]}
         assert sample["jpg"] == (coco / "train2017" / image["file_name"]).read_bytes()
     assert tar_listing(out / "train-000000.tar")[:3] == [f"{min(samples)}.{e}" for e in ("jpg", "json", "txt")]
 
@@ -280,8 +281,55 @@ def test_imagefolder_images_of_one_name_in_two_folders_are_two_samples(tmp_path,
     assert report["problems"] == []
     samples = shard_samples(tmp_path / "out")
     assert {key: json.loads(s["json"]) for key, s in samples.items()} == {
-        "cats_1": {"image_id": "cats/1", "captions": ["a cat"]},
-        "dogs_1": {"image_id": "dogs/1", "captions": ["a dog"]},
+        "cats%2F1": {"image_id": "cats/1", "captions": ["a cat"], "file": "cats/1.jpg"},
+        "dogs%2F1": {"image_id": "dogs/1", "captions": ["a dog"], "file": "dogs/1.jpg"},
+    }
+
+
+def test_names_that_differ_only_in_punctuation_or_script_are_all_kept_under_keys_that_give_the_name_back(tmp_path):
+    """Space and underscore, two Cyrillic and two Chinese names of one length, a name whose key is longer than
+    a ustar header holds, and re-sharded samples whose keys hold dots."""
+    names = [
+        "photo 1.jpg",
+        "photo_1.jpg",
+        "кошка.jpg",
+        "мышка.jpg",
+        "小猫.jpg",
+        "小狗.jpg",
+        "一张很长的中文文件名的照片示例.jpg",
+    ]
+    (tmp_path / "images").mkdir()
+    for i, name in enumerate(names):
+        Image.new("RGB", (16, 16), (30 * i, 0, 0)).save(tmp_path / "images" / name)
+    rows = [[name, f"picture number {i}"] for i, name in enumerate(names)]
+    with open(tmp_path / "captions.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["image", "caption"], *rows])
+    source = read_table([("train", tmp_path / "captions.csv")], tmp_path / "images", "image", "caption")
+    report = build(source, tmp_path / "out")
+
+    assert report["problems"] == [] and report["splits"]["train"]["images"] == len(names)
+    samples = shard_samples(tmp_path / "out")
+    assert sorted(urllib.parse.unquote(key) for key in samples) == sorted(Path(n).stem for n in names)
+    assert not any("." in key for key in samples)
+    for key, sample in samples.items():
+        meta = json.loads(sample["json"])
+        assert meta["file"] == f"{meta['image_id']}.jpg" == f"{urllib.parse.unquote(key)}.jpg"
+
+    dotted = tmp_path / "dotted"
+    with ShardWriter(dotted, "train", max_samples=4) as writer:
+        for i in range(3):
+            jpg = image_bytes(Image.new("RGB", (16, 16), (0, 40 * i, 0)), "JPEG")
+            writer.write({"__key__": f"img.v2.part{i}", "jpg": jpg, "txt": f"green square {i}".encode()})
+    report = build(read_webdataset([("train", str(dotted))]), tmp_path / "resharded")
+    assert report["problems"] == []
+    resharded = {key: json.loads(s["json"]) for key, s in shard_samples(tmp_path / "resharded").items()}
+    assert resharded == {
+        f"img%2Ev2%2Epart{i}": {
+            "image_id": f"img.v2.part{i}",
+            "captions": [f"green square {i}"],
+            "file": f"img.v2.part{i}.jpg",
+        }
+        for i in range(3)
     }
 
 
@@ -372,6 +420,37 @@ def test_bad_images_and_captions_are_reported_and_every_good_image_lands_in_the_
     assert check_shards(str(out))[0] == []
     build(source, tmp_path / "again", workers=1, resize=resize)  # the same report and shards, in one process
     assert all_files(tmp_path / "again") == all_files(out)
+
+
+def test_a_caption_of_punctuation_only_is_left_out_and_reported_as_without_words(tmp_path):
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (16, 16)).save(tmp_path / name)
+    (tmp_path / "captions.csv").write_text('image,caption\na.jpg,...\na.jpg,a black square\na.jpg,!!\nb.jpg," - "\n')
+    report = build(read_table([("train", tmp_path / "captions.csv")], None, "image", "caption"), tmp_path / "out")
+
+    assert report["problems_by_reason"] == {"caption without words": 3, "no captions": 1}
+    assert sorted(p["detail"] for p in report["problems"] if p["reason"] == "caption without words") == [
+        " - ",
+        "!!",
+        "...",
+    ]
+    samples = shard_samples(tmp_path / "out")
+    assert list(samples) == ["a"] and json.loads(samples["a"]["json"])["captions"] == ["a black square"]
+
+
+def test_a_row_listed_twice_in_a_table_gives_its_caption_once_and_is_reported(tmp_path):
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (16, 16)).save(tmp_path / name)
+    rows = ["a.jpg,a dog", "b.jpg,a dog", "a.jpg,a dog on grass", "a.jpg,a dog", 'b.jpg,"[""a cat"", ""a cat ""]"']
+    (tmp_path / "captions.csv").write_text("image,caption\n" + "\n".join(rows) + "\n")
+    report = build(read_table([("train", tmp_path / "captions.csv")], None, "image", "caption"), tmp_path / "out")
+
+    assert [(p["reason"], Path(p["file"]).name, p["detail"]) for p in report["problems"]] == [
+        ("duplicate caption", "captions.csv:5", "a.jpg: 'a dog', as on line 2"),
+        ("duplicate caption", "captions.csv:6", "b.jpg: 'a cat', as on line 6"),
+    ]
+    captions = {key: json.loads(s["json"])["captions"] for key, s in shard_samples(tmp_path / "out").items()}
+    assert captions == {"a": ["a dog", "a dog on grass"], "b": ["a dog", "a cat"]}
 
 
 @pytest.mark.parametrize(
@@ -626,6 +705,18 @@ def test_check_reports_counts_that_disagree_with_sizes_json_and_fix_sizes_rewrit
     assert code == 0 and read_sizes(tmp_path) == sizes
 
 
+def test_check_reports_a_shard_listed_in_sizes_json_that_does_not_exist_and_fix_sizes_removes_it(tmp_path, capsys):
+    write_noise_shards(tmp_path)
+    sizes = read_sizes(tmp_path)
+    (tmp_path / "sizes.json").write_text(json.dumps({**sizes, "train-000003.tar": 4}))  # e.g. deleted since
+    code, output = run_check(capsys, tmp_path)
+    assert code == 1
+    assert f"{tmp_path / 'train-000003.tar'}: listed in {tmp_path / 'sizes.json'} with 4 samples, but there" in output
+
+    code, output = run_check(capsys, tmp_path, "--fix-sizes")
+    assert code == 0 and read_sizes(tmp_path) == sizes
+
+
 # ------------------------------------------------------------------------------ img2dataset shards
 
 
@@ -685,7 +776,7 @@ def test_img2dataset_shards_reshard_into_imcap_shards(tmp_path):
     assert sorted(samples) == sorted(k for k, (_, c) in written.items() if c)
     for key, sample in samples.items():
         assert sample["jpg"] == written[key][0]
-        assert json.loads(sample["json"]) == {"image_id": key, "captions": [written[key][1]]}
+        assert json.loads(sample["json"]) == {"image_id": key, "captions": [written[key][1]], "file": f"{key}.jpg"}
 
 
 def test_a_caption_json_that_is_not_utf8_is_left_out_of_a_reshard_and_reported_with_its_shard_and_key(tmp_path):

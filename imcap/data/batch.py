@@ -7,13 +7,16 @@ JPEG bytes left for the device to decode (prefetch.py turns those into images).
 
 from __future__ import annotations
 
+import logging
 import random
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from imcap.data.samples import Sample
 from imcap.text import Vocabulary, pad_captions
+
+log = logging.getLogger(__name__)
 
 
 class _Tensors:
@@ -85,14 +88,28 @@ class Batch:
 @dataclass
 class Collate:
     """Decoded samples -> a Batch, with `captions_per_image` captions of each (chosen by rng in training;
-    the first ones, repeated when there are fewer, in evaluation)."""
+    the first ones, repeated when there are fewer, in evaluation). Training on an image with fewer
+    captions repeats some of them; the first time, a warning says so."""
 
     vocab: Vocabulary
     max_length: int
     captions_per_image: int
+    warned: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __call__(self, samples: list[Sample], rng: random.Random | None) -> Batch:
         k = self.captions_per_image
+        short = [s for s in samples if len(s.captions) < k]
+        if short and rng is not None and not self.warned:
+            self.warned = True  # once in each process that collates: the main one or a data worker
+            log.warning(
+                "data.captions_per_image=%d, but %d of a batch's %d images have fewer captions (%s has %d): "
+                "such an image trains on some of its captions more than once",
+                k,
+                len(short),
+                len(samples),
+                short[0].image_id,
+                len(short[0].captions),
+            )
         chosen = []
         for s in samples:
             caps = s.captions

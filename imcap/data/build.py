@@ -32,7 +32,7 @@ from tqdm import tqdm
 from imcap.data.samples import decode_image, open_image
 from imcap.data.shards import FEATURES_DIR, SIZES_FILE, ShardWriter, atomic_write, read_sizes
 from imcap.data.sources import Problem, Record, Source
-from imcap.text import VOCAB_FILE, Vocabulary
+from imcap.text import VOCAB_FILE, Vocabulary, tokenize
 
 REPORT_FILE = "report.json"
 TRAIN_SPLIT = "train"  # the vocabulary is built from this split's captions only
@@ -70,7 +70,9 @@ def caption_problem(caption) -> str | None:
         caption.encode("utf-8")
     except UnicodeEncodeError:  # undecodable source bytes, kept as surrogates by the readers
         return "caption not valid UTF-8"
-    return None if caption.strip() else "empty caption"
+    if not caption.strip():
+        return "empty caption"
+    return None if tokenize(caption) else "caption without words"  # it would train as <start> <end> alone
 
 
 def _shown(caption) -> str:
@@ -80,7 +82,8 @@ def _shown(caption) -> str:
 
 
 def encode_record(record: Record, resize: int, quality: int) -> Encoded:
-    """A record -> a sample (image, `json` with image_id and captions, `txt` with the first caption)."""
+    """A record -> a sample (image, `json` with image_id, captions and the source's file name, `txt` with the
+    first caption)."""
     problems, captions = [], []
     for caption in record.captions:
         reason = caption_problem(caption)
@@ -94,7 +97,7 @@ def encode_record(record: Record, resize: int, quality: int) -> Encoded:
         ext, data = stored_image(_image_bytes(record), resize, quality)
     except _ImageProblem as e:
         return Encoded(None, [], problems + [Problem(e.reason, record.origin, e.detail)])
-    meta = {"image_id": record.image_id, "captions": captions}
+    meta = {"image_id": record.image_id, "captions": captions, **({"file": record.name} if record.name else {})}
     sample = {
         "__key__": record.key,
         ext: data,

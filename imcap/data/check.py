@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from imcap.data.build import ordered_pool
 from imcap.data.samples import SampleError, decode_sample
-from imcap.data.shards import SIZES_FILE, list_shards, read_shard, read_sizes, update_sizes
+from imcap.data.shards import SIZES_FILE, list_shards, read_shard, read_sizes, write_sizes
 
 CHECK_IMAGE_SIZE = 224  # check decodes as training at 224 px does (JPEGs drafted towards it)
 
@@ -52,27 +52,9 @@ def check_shards(spec: str, workers: int = 1, fix_sizes: bool = False) -> tuple[
         counted.setdefault(Path(check.shard).parent, {})[Path(check.shard).name] = check.samples
     wrong_sizes = 0
     for directory, counts in counted.items():
-        try:
-            sizes = read_sizes(directory)
-        except ValueError as e:  # a sizes.json that is not one: --fix-sizes writes a new one
-            sizes = {}
-            problems.append(str(e))
-            if fix_sizes:
-                (directory / SIZES_FILE).unlink()
-        wrong = [(name, n) for name, n in counts.items() if sizes.get(name) != n]
-        wrong_sizes += len(wrong)
-        if fix_sizes and wrong:
-            update_sizes(directory, counts)
-            continue
-        problems += [
-            f"{directory / name}: {directory / SIZES_FILE} "
-            + (
-                f"says {sizes[name]} samples, the shard holds {n}"
-                if name in sizes
-                else f"has no entry (the shard holds {n} samples); run `imcap shards check --fix-sizes`"
-            )
-            for name, n in wrong
-        ]
+        sizes_problems, wrong = compare_sizes(directory, counts, fix_sizes)
+        problems += sizes_problems
+        wrong_sizes += wrong
     bad = sum(len(c.bad) for c in checks)
     summary = (
         f"checked {len(shards)} shards, {sum(c.samples for c in checks)} samples: {bad} bad samples, "
@@ -80,3 +62,35 @@ def check_shards(spec: str, workers: int = 1, fix_sizes: bool = False) -> tuple[
         + ("fixed in sizes.json" if fix_sizes else "missing from or wrong in sizes.json")
     )
     return problems, summary
+
+
+def compare_sizes(directory: Path, counts: dict[str, int], fix_sizes: bool) -> tuple[list[str], int]:
+    """The sizes.json of a directory against the samples counted in its shards, and the shards it lists
+    that do not exist. -> (problems, entries wrong); with fix_sizes the entries are fixed instead."""
+    problems = []
+    try:
+        sizes = read_sizes(directory)
+    except ValueError as e:  # a sizes.json that is not one: --fix-sizes writes a new one
+        sizes = {}
+        problems.append(str(e))
+    wrong = [(name, n) for name, n in counts.items() if sizes.get(name) != n]
+    gone = [name for name in sizes if name not in counts and not (directory / name).exists()]
+    if fix_sizes:
+        if wrong or gone or problems:
+            write_sizes(directory, {name: n for name, n in {**sizes, **counts}.items() if name not in gone})
+        return problems, len(wrong) + len(gone)
+    problems += [
+        f"{directory / name}: {directory / SIZES_FILE} "
+        + (
+            f"says {sizes[name]} samples, the shard holds {n}"
+            if name in sizes
+            else f"has no entry (the shard holds {n} samples); run `imcap shards check --fix-sizes`"
+        )
+        for name, n in wrong
+    ]
+    problems += [
+        f"{directory / name}: listed in {directory / SIZES_FILE} with {sizes[name]} samples, but there is no such "
+        "shard; run `imcap shards check --fix-sizes` to remove it"
+        for name in gone
+    ]
+    return problems, len(wrong) + len(gone)

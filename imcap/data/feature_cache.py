@@ -1,16 +1,19 @@
 """The frozen-feature cache: the frozen part of the encoder run once over a dataset's shards.
 
 A cache mirrors its source: for every `{split}-NNNNNN.tar` a tar of the same name whose samples hold
-`key.safetensors` (the frozen part's output, (C, h, w), bf16 by default) and the sample's captions,
-plus sizes.json and cache.json. cache.json records a digest of the frozen weights (BatchNorm
-statistics included) and the image size; the trainer refuses a cache whose digest differs from its
-own encoder's, so a cache is never used with an encoder, weights or image size it was not made with.
+`key.safetensors` (the frozen part's output, (C, h, w), bf16 by default) and the sample's captions, or
+a marker for a sample that could not be decoded (a skip, counted whenever the cache is read, as the
+sample is whenever the images are), plus sizes.json and cache.json. cache.json records a digest of the
+frozen weights (BatchNorm statistics included) and the image size; the trainer refuses a cache whose
+digest differs from its own encoder's, so a cache is never used with an encoder, weights or image size
+it was not made with.
 It also records the source shards' fingerprint: a cache of shards rebuilt since is built again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_safetensors
 
-from imcap.data.samples import Sample, SampleError, decode_sample
+from imcap.data.samples import Sample, SampleError, decode_sample, skipped_sample
 from imcap.data.shards import (
     FEATURES_DIR,
     SIZES_FILE,
@@ -29,6 +32,7 @@ from imcap.data.shards import (
     TarShard,
     atomic_write,
     list_shards,
+    member_key,
     read_shard,
     read_sizes,
     update_sizes,
@@ -101,7 +105,6 @@ def build_cache_shards(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     encoder.eval()
-    device = encoder.mean.device
     # the same on every rank: finish_cache writes cache.json once every rank has built its share
     stale = _made_from_other_shards(read_cache_meta(out_dir), source)
     sizes = {}
@@ -112,39 +115,64 @@ def build_cache_shards(
             sizes[target.name] = _cached_samples(target)
             continue
         with TarShard(target) as tar:
-            batch: list[tuple[str, Sample]] = []
-            errors: list[str] = []
-            for sample in read_shard(shard, errors):  # a truncated tar: its samples up to the cut
-                try:
-                    decoded = decode_sample(sample, image_size, None)
-                except SampleError:
-                    continue  # counted again, with its reason, when the source is checked or trained on
-                batch.append((sample["__key__"], decoded))
-                if len(batch) == batch_size:
-                    _write_batch(tar, batch, encoder, device, DTYPES[dtype])
-                    batch = []
-            if batch:
-                _write_batch(tar, batch, encoder, device, DTYPES[dtype])
-            if errors:  # skipped as the trainer's reader skips it
-                log.warning("%s: unreadable after %d cached samples: %s", shard, tar.count, errors[0])
+            skipped = _cache_shard(tar, shard, encoder, image_size, batch_size, DTYPES[dtype])
+        if skipped:
+            log.warning(
+                "%s: %d of its samples could not be cached (the first: %s, %s); the cache keeps a marker for "
+                "each, which training skips and counts as it would the sample",
+                shard,
+                len(skipped),
+                *skipped[0],
+            )
         sizes[target.name] = tar.count
     return sizes
 
 
+def _cache_shard(
+    tar: TarShard, shard: str, encoder: EncoderCNN, image_size: int, batch_size: int, dtype
+) -> list[tuple[str, str]]:
+    """The cache samples of one source shard, in its order: features, or a marker for a sample that cannot
+    be decoded. -> (key, reason) of each marked."""
+    device = encoder.mean.device
+    batch: list[tuple[str, Sample | SampleError]] = []
+    errors: list[str] = []
+    skipped = []
+    for sample in read_shard(shard, errors):  # a truncated tar: its samples up to the cut
+        try:
+            decoded: Sample | SampleError = decode_sample(sample, image_size, None)
+        except SampleError as e:
+            decoded = e
+            skipped.append((sample["__key__"], str(e)))
+        batch.append((sample["__key__"], decoded))
+        if sum(isinstance(item, Sample) for _, item in batch) == batch_size:
+            _write_batch(tar, batch, encoder, device, dtype)
+            batch = []
+    if batch:
+        _write_batch(tar, batch, encoder, device, dtype)
+    if errors:  # skipped as the trainer's reader skips it
+        log.warning("%s: unreadable after %d cached samples: %s", shard, tar.count, errors[0])
+    return skipped
+
+
 def _cached_samples(cache_shard: Path) -> int:
+    """The samples of a cache shard, as the reader groups its members, from their names alone."""
     with tarfile.open(cache_shard) as tar:
-        return sum(name.endswith(".safetensors") for name in tar.getnames())
+        keys = [member_key(info.name)[0] for info in tar if info.isreg()]
+    return sum(1 for _ in itertools.groupby(key for key in keys if key is not None))
 
 
-def _write_batch(tar: TarShard, batch: list[tuple[str, Sample]], encoder: EncoderCNN, device, dtype) -> None:
-    images = torch.stack([sample.pixels for _, sample in batch]).to(device)
-    features = encoder.frozen_features(images).to(dtype).cpu()  # (B, C, h, w)
-    for (key, sample), feature in zip(batch, features):
+def _write_batch(tar: TarShard, batch: list[tuple[str, Sample | SampleError]], encoder: EncoderCNN, device, dtype):
+    images = [item.pixels for _, item in batch if isinstance(item, Sample)]
+    features = iter(encoder.frozen_features(torch.stack(images).to(device)).to(dtype).cpu() if images else [])
+    for key, item in batch:
+        if isinstance(item, SampleError):
+            tar.write(skipped_sample(key, str(item)))
+            continue
         tar.write(
             {
                 "__key__": key,
-                "safetensors": save_safetensors({"features": feature.contiguous()}),
-                "json": json.dumps({"image_id": sample.image_id, "captions": sample.captions}).encode(),
+                "safetensors": save_safetensors({"features": next(features).contiguous()}),
+                "json": json.dumps({"image_id": item.image_id, "captions": item.captions}).encode(),
             }
         )
 

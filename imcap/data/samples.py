@@ -2,8 +2,10 @@
 
 A sample is img2dataset-style: `key.jpg|jpeg|png|webp` + `key.json` ({"captions": [...]} or
 {"caption": "..."}, and optionally "image_id") and/or `key.txt`. A feature-cache sample holds
-`key.safetensors` instead of an image. Decoding turns one into a `Sample`; one that cannot be used
-raises `SampleError`, and the reader skips and counts it.
+`key.safetensors` instead of an image, or, for a source sample it could not encode, only `key.json`
+with {"skipped_in_cache": reason}, so that reading the cache skips and counts it as reading the images
+would. Decoding turns a sample into a `Sample`; one that cannot be used raises `SampleError`, and the
+reader skips and counts it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
+from imcap.text import tokenize
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SKIPPED_IN_CACHE = "skipped_in_cache"  # the JSON field of a feature cache's marker for a sample it could not encode
 Image.MAX_IMAGE_PIXELS = 16384 * 16384  # larger is treated as a decompression bomb: skipped, counted
 
 
@@ -104,16 +109,23 @@ def jpeg_for_device(data: bytes, size: int, rng: random.Random | None) -> JpegFi
     return JpegFile(torch.frombuffer(bytearray(data), dtype=torch.uint8), crop_box(*image.size, size, rng), size)
 
 
+def skipped_sample(key: str, reason: str) -> dict:
+    """A feature cache's marker for a source sample it could not encode."""
+    return {"__key__": key, "json": json.dumps({SKIPPED_IN_CACHE: reason}).encode()}
+
+
 def sample_captions(sample: dict) -> list[str]:
-    """The captions of a raw sample: its JSON's "captions" or "caption", else its txt."""
+    """The captions of a raw sample that hold a word: its JSON's "captions" or "caption", else its txt."""
     captions: list[str] = []
     if "json" in sample:
         meta = json.loads(sample["json"])
+        if isinstance(meta, dict) and SKIPPED_IN_CACHE in meta:
+            raise SampleError(f"skipped when the cache was built: {meta[SKIPPED_IN_CACHE]}")
         found = meta.get("captions", meta.get("caption", [])) if isinstance(meta, dict) else []
         captions = [found] if isinstance(found, str) else found if isinstance(found, list) else []  # null: img2dataset
     if not captions and "txt" in sample:
         captions = [sample["txt"].decode("utf-8")]
-    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+    captions = [c.strip() for c in captions if isinstance(c, str) and tokenize(c)]  # "...": no training target
     if not captions:
         raise SampleError("no caption")
     return captions

@@ -8,15 +8,21 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import webdataset as wds
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 
 from imcap.errors import ImcapError
 
 SIZES_FILE = "sizes.json"
 FEATURES_DIR = "features"  # <shards>/features/<digest>/: feature caches made from the shards (feature_cache.py)
+# What a member name may end in after a sample key that holds dots (img.v2.jpg): the extensions imcap
+# reads or writes, and ones other WebDataset writers commonly add beside them.
+MEMBER_EXTENSIONS = frozenset(
+    ("jpg", "jpeg", "png", "webp", "json", "txt", "safetensors", "cls", "npy", "pth", "pyd", "gif", "tif", "tiff")
+)
 
 
 class DataError(ImcapError, ValueError):
@@ -42,17 +48,43 @@ def list_shards(spec: str, split: str | None = None) -> list[str]:
 
 def count_samples(shards: list[str]) -> int:
     """Samples in these shards, from the sizes.json beside them."""
-    total = 0
+    return sum(recorded_sizes(shards).values())
+
+
+def recorded_sizes(shards: list[str]) -> dict[str, int]:
+    """shard -> its sample count in the sizes.json beside it."""
+    by_directory: dict[Path, dict[str, int]] = {}
+    recorded = {}
     for shard in shards:
-        sizes = read_sizes(Path(shard).parent)
-        name = Path(shard).name
+        directory, name = Path(shard).parent, Path(shard).name
+        sizes = by_directory.setdefault(directory, read_sizes(directory))
         if name not in sizes:
             raise DataError(
-                f"{Path(shard).parent / 'sizes.json'} has no sample count for {name}; "
+                f"{directory / SIZES_FILE} has no sample count for {name}; "
                 "rebuild the shards or run `imcap shards check --fix-sizes` on them"
             )
-        total += sizes[name]
-    return total
+        recorded[shard] = sizes[name]
+    return recorded
+
+
+def member_key(name: str) -> tuple[str | None, str | None]:
+    """A tar member's name -> (sample key, extension). It splits at the last dot when what follows is one of
+    MEMBER_EXTENSIONS, so that a key may hold dots (img.v2.part1.jpg: key img.v2.part1); other names split
+    as webdataset splits them, at the first dot of the file name."""
+    key, dot, ext = name.rpartition(".")
+    if key and not key.endswith("/") and ext.lower() in MEMBER_EXTENSIONS:
+        return key, ext
+    return base_plus_ext(name)
+
+
+def read_samples(
+    urls: Iterable[str], handler: Callable[[Exception], bool], select_files: Callable[[str], bool] | None = None
+) -> Iterator[dict]:
+    """The samples of these tars, in order (extension -> bytes, with __key__ and __url__): webdataset's own
+    stages, members grouped by member_key. handler(exception) returns True to skip what cannot be read."""
+    opened = url_opener(({"url": url} for url in urls), handler=handler)
+    members = tar_file_expander(opened, handler=handler, select_files=select_files)
+    return group_by_keys(members, keys=member_key, handler=handler)
 
 
 def read_shard(shard: str, errors: list[str]) -> Iterator[dict]:
@@ -60,9 +92,7 @@ def read_shard(shard: str, errors: list[str]) -> Iterator[dict]:
     cannot be read to its end, why goes into errors (webdataset reports one failure at several levels;
     the outermost says it best)."""
     failures = []
-    yield from wds.DataPipeline(
-        wds.SimpleShardList([shard]), wds.tarfile_to_samples(handler=lambda exn: failures.append(exn) or True)
-    )
+    yield from read_samples([shard], handler=lambda exn: failures.append(exn) or True)
     if failures:
         errors.append(f"{type(failures[-1]).__name__}: {failures[-1].args[0]}")
 
@@ -74,14 +104,15 @@ def shard_name(split: str, index: int) -> str:
 class TarShard:
     """One tar written under a temporary name and renamed into place when closed without error.
 
-    Tar headers carry no time, user or mode of this machine, so the same samples give the same bytes.
+    Tar headers carry no time, user or mode of this machine, so the same samples give the same bytes. A
+    name over ustar's 100 characters (a long escaped key) goes into a pax header; shorter ones need none.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.file = open(self.tmp, "wb")
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
         self.count = 0
 
     def write(self, sample: dict) -> None:
@@ -172,8 +203,11 @@ def read_sizes(shard_dir: str | Path) -> dict[str, int]:
 
 
 def update_sizes(shard_dir: str | Path, sizes: dict[str, int]) -> None:
-    merged = {**read_sizes(shard_dir), **sizes}
-    atomic_write(Path(shard_dir) / SIZES_FILE, json.dumps(dict(sorted(merged.items())), indent=1))
+    write_sizes(shard_dir, {**read_sizes(shard_dir), **sizes})
+
+
+def write_sizes(shard_dir: str | Path, sizes: dict[str, int]) -> None:
+    atomic_write(Path(shard_dir) / SIZES_FILE, json.dumps(dict(sorted(sizes.items())), indent=1))
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -3,7 +3,8 @@
 Training, per epoch (every stage a pure function of seed, epoch, rank and worker):
 
     shard order(seed, epoch) -> this node's shards -> this worker's shards -> passes over them
-    (tar -> samples -> shuffle buffer) -> decode + crop -> collate -> this worker's batches of the epoch
+    (tar -> samples, counted against sizes.json -> shuffle buffer) -> decode + crop -> collate -> this
+    worker's batches of the epoch
 
 Every rank yields the same number of batches per epoch, computed from sizes.json, and each worker
 yields its share of them (a worker whose shards run out reads them again), so no rank waits for
@@ -21,6 +22,7 @@ import logging
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import webdataset as wds
@@ -29,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from imcap.config import DataConfig
 from imcap.data.batch import Batch, Collate
 from imcap.data.samples import Sample, SampleError, decode_sample
-from imcap.data.shards import DataError
+from imcap.data.shards import SIZES_FILE, DataError, read_samples, recorded_sizes
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,34 @@ class SkipCounter:
 
 def tar_samples(shards: list[str], counter: SkipCounter) -> Iterator[dict]:
     """Raw samples of these shards, in order; an unreadable member or tar is skipped and counted."""
-    return iter(wds.DataPipeline(lambda: ({"url": u} for u in shards), wds.tarfile_to_samples(handler=counter.handler)))
+    return read_samples(shards, handler=counter.handler)
+
+
+def as_recorded(samples: Iterator[dict], shards: list[str], recorded: dict[str, int]) -> Iterator[dict]:
+    """The samples of one pass over these shards, unchanged. Each shard, once read to its end, must have
+    held the samples sizes.json records for it: epochs are as long as sizes.json says, so a count too small
+    would leave samples untrained every epoch and one too large would repeat others."""
+    read = dict.fromkeys(shards, 0)
+    current = None
+    for sample in samples:
+        if sample["__url__"] != current:
+            if current is not None:  # the reader has moved on to the next shard: this one is done
+                _check_size(current, read[current], recorded[current])
+            current = sample["__url__"]
+        read[current] += 1
+        yield sample
+    for shard in shards:  # the last one, and any that yielded nothing
+        _check_size(shard, read[shard], recorded[shard])
+
+
+def _check_size(shard: str, read: int, recorded: int) -> None:
+    if read != recorded:
+        directory = Path(shard).parent
+        raise DataError(
+            f"{shard}: {directory / SIZES_FILE} records {recorded} samples, but reading it gave {read}, so every "
+            f"epoch would {'repeat samples' if read < recorded else 'leave samples untrained'}; count them again "
+            f"with `imcap shards check --fix-sizes {directory}` (it also names any it cannot read)"
+        )
 
 
 def decoded(samples: Iterator[dict], decode: Callable[[dict], Sample], counter: SkipCounter) -> Iterator[Sample]:
@@ -139,13 +168,15 @@ class TrainStream(IterableDataset):
     ) -> Iterator[dict]:
         """Passes over this worker's shards, each in a new order and through its own shuffle buffer,
         for as long as the worker owes batches: a sample repeats within an epoch only when the worker's
-        shards hold fewer samples than its share of the epoch."""
+        shards hold fewer samples than its share of the epoch. Each shard read to its end is checked
+        against sizes.json."""
         for repeat in itertools.count():
             if repeat:
                 _seeded(self.seed, epoch, self.part.rank, worker, repeat).shuffle(shards)
             decoded_before, skipped_before = counter.decoded, counter.skipped
             buffer = self.cfg.shuffle_buffer
-            yield from wds.shuffle(buffer, initial=buffer, rng=rng)(tar_samples(shards, counter))
+            samples = as_recorded(tar_samples(shards, counter), shards, recorded_sizes(shards))
+            yield from wds.shuffle(buffer, initial=buffer, rng=rng)(samples)
             if counter.decoded == decoded_before:  # every sample yielded has been decoded (or skipped) by now
                 raise DataError(
                     f"no usable sample in {', '.join(shards)}: {counter.skipped - skipped_before} "

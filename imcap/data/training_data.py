@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torch.utils.data import DataLoader
+from webdataset.handlers import reraise_exception
 
 from imcap.config import Config
 from imcap.data import demo
 from imcap.data.batch import Collate
 from imcap.data.samples import SampleError, sample_captions
-from imcap.data.shards import count_samples, iter_tar_members, list_shards
+from imcap.data.shards import count_samples, list_shards, member_key, read_samples
 from imcap.data.streams import Part, TrainStream, train_loader
 from imcap.text import VOCAB_FILE, Vocabulary
 
@@ -72,18 +73,16 @@ class TrainingData:
 def split_captions(shards: list[str]) -> list[str]:
     """Every caption of these shards, reading only their text members (no image is decoded)."""
     captions = []
-    for shard in shards:
-        texts: dict[str, dict] = {}
-        for name, data in iter_tar_members(shard):
-            key, _, ext = name.partition(".")
-            if ext in ("json", "txt"):
-                texts.setdefault(key, {})[ext] = data
-        for sample in texts.values():
-            try:
-                captions.extend(sample_captions(sample))
-            except (SampleError, ValueError):
-                pass  # counted when the streams reach it
+    for sample in read_samples(shards, handler=reraise_exception, select_files=_is_text):
+        try:
+            captions.extend(sample_captions(sample))
+        except (SampleError, ValueError):
+            pass  # counted when the streams reach it
     return captions
+
+
+def _is_text(member: str) -> bool:
+    return (member_key(member)[1] or "").lower() in ("json", "txt")
 
 
 def load_vocabulary(shards: str, train_shards: list[str], min_word_count: int) -> Vocabulary:

@@ -32,7 +32,10 @@ def _flickr_captions(path: Path) -> tuple[dict[str, list], list[Problem]]:
     if "\t" in header:
         return _line_captions(path, lines, 1, _token_line, "image.jpg#n<TAB>caption")
     if {"image", "caption"} <= set(next(csv.reader([header]))):
-        images, problems = group_rows(path, table_rows(path, "csv", ("image", "caption")), "image", "caption")
+        # Flickr's annotators now and then wrote the same sentence for an image: each is an annotation
+        # (its token file numbers them), not a row listed twice
+        rows = table_rows(path, "csv", ("image", "caption"))
+        images, problems = group_rows(path, rows, "image", "caption", keep_repeats=True)
         return {image: captions for image, (_, captions) in images.items()}, problems
     raise SourceError(f"{path}:1: unknown captions layout (first line {header[:80]!r}); expected {FLICKR_LAYOUTS}")
 

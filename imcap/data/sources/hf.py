@@ -85,23 +85,27 @@ class _HFRecords:
             data = image.get("bytes") if isinstance(image, dict) else None
             file = image.get("path") if isinstance(image, dict) else image
             path = None if data is not None or not file else (self.root / file if self.root else Path(file))
-            image_id = row[self.id_column] if self.id_column else self._name(file) if file else f"{number:08d}"
+            name = self._name(file) if file else None
+            if self.id_column:
+                image_id = row[self.id_column]
+            else:
+                image_id = str(PurePath(name).with_suffix("")) if name else f"{number:08d}"
             yield Record(
                 sample_key(str(image_id)),
                 image_id,
                 tuple(cell_captions(row[self.caption_column])),
                 str(path) if path else f"{self.name} row {number}",
-                path,
-                data,
+                name=name,
+                path=path,
+                data=data,
             )
 
     def _name(self, file: str) -> str:
         """A local imagefolder's image: its path relative to the folder of the metadata file naming it (its
-        split's, or the dataset's), without the extension, as that file names it (cats/1.jpg -> cats/1);
-        other images: the file name without the extension."""
+        split's, or the dataset's), as that file names it (cats/1.jpg); other images: the file name."""
         if self.root and Path(file).is_absolute():
             root = self.root.resolve()
             for folder in Path(file).parents:
                 if folder == root or any((folder / name).exists() for name in IMAGEFOLDER_METADATA):
-                    return str(Path(file).relative_to(folder).with_suffix(""))
-        return PurePath(file).stem
+                    return str(Path(file).relative_to(folder))
+        return PurePath(file).name

@@ -8,7 +8,6 @@ dropped on its own rather than failing its file.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -22,10 +21,11 @@ class SourceError(ImcapError, ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    key: str  # the sample's key in the shards: unique within a split, no dots (webdataset splits keys at dots)
+    key: str  # the sample's key in the shards, sample_key of its name: unique within a split, no dots
     image_id: str | int
     captions: tuple  # as written in the source; empty, blank or undecodable ones are dropped by the builder
     origin: str  # where the image comes from, for the report: a file path, or shard:key
+    name: str | None = None  # the image's name as the source gives it (kept as "file" in the sample's JSON)
     path: Path | None = None
     data: bytes | None = None
 
@@ -44,11 +44,15 @@ class Source:
     problems: list[Problem] = field(default_factory=list)  # found while reading captions, before any split
 
 
-_UNSAFE_KEY_CHARACTERS = re.compile(r"[^A-Za-z0-9_-]")
+_KEY_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
 def sample_key(name: str) -> str:
-    return _UNSAFE_KEY_CHARACTERS.sub("_", name)
+    """A sample key for any name: each byte of its UTF-8 outside [A-Za-z0-9_-] as %XX, so that two names never
+    share a key, a key never holds a dot (webdataset splits keys at dots), and urllib.parse.unquote(key,
+    errors="surrogateescape") gives the name back. "photo 1" -> "photo%201"; "cats/1" -> "cats%2F1"."""
+    data = name.encode("utf-8", "surrogateescape")  # a name read from undecodable bytes keeps them
+    return "".join(chr(byte) if byte in _KEY_BYTES else f"%{byte:02X}" for byte in data)
 
 
 def open_text(path: Path):
@@ -86,7 +90,8 @@ def image_record(name: str, captions, image_dir: Path, image_id: str | int | Non
     without the extension."""
     stem = str(PurePath(name).with_suffix(""))
     path = Path(image_dir) / name
-    return Record(sample_key(stem), stem if image_id is None else image_id, tuple(captions), str(path), path)
+    image_id = stem if image_id is None else image_id
+    return Record(sample_key(stem), image_id, tuple(captions), str(path), name=name, path=path)
 
 
 def by_key(records: Iterable[Record]) -> list[Record]:

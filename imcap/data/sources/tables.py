@@ -110,11 +110,19 @@ def cell_captions(value) -> list:
 
 
 def group_rows(
-    path: Path, rows, image_column: str, caption_column: str, split_column: str | None = None, split: str | None = None
+    path: Path,
+    rows,
+    image_column: str,
+    caption_column: str,
+    split_column: str | None = None,
+    split: str | None = None,
+    keep_repeats: bool = False,
 ) -> tuple[dict[str, tuple[str | None, list]], list[Problem]]:
-    """Rows -> {image: (split, captions)} in first-seen order, plus the problems of unreadable lines."""
+    """Rows -> {image: (split, captions)} in first-seen order, plus the problems: unreadable lines, and
+    (unless keep_repeats) a caption an image already has (a row listed twice), which is kept once."""
     images: dict[str, tuple[str | None, list]] = {}
     problems = []
+    first_seen: dict[tuple[str, str], int] = {}  # (image, caption) -> its first line
     for number, row in rows:
         if isinstance(row, Problem):
             problems.append(row)
@@ -127,5 +135,12 @@ def group_rows(
                 f"{path}:{number}: {image} is in split {row_split!r} here and in {known_split!r} "
                 "on an earlier line; an image must be in one split only"
             )
-        known.extend(captions)
+        for caption in captions:
+            text = caption.strip() if isinstance(caption, str) else ""  # not text, or blank: the builder says so
+            if text and not keep_repeats and (image, text) in first_seen:
+                detail = f"{image}: {text!r}, as on line {first_seen[image, text]}"
+                problems.append(Problem("duplicate caption", f"{path}:{number}", detail))
+                continue
+            first_seen.setdefault((image, text), number)
+            known.append(caption)
     return images, problems

@@ -44,6 +44,7 @@ def _shard_records(shards: list[str]) -> Iterator[Record | Problem]:
                 captions = ()
             except UnicodeDecodeError:  # of the txt: the builder drops it and says why
                 captions = (sample["txt"].decode("utf-8", "surrogateescape"),)
-            yield Record(sample_key(sample["__key__"]), sample_id, captions, origin, data=sample[ext])
+            key = sample["__key__"]
+            yield Record(sample_key(key), sample_id, captions, origin, name=f"{key}.{ext}", data=sample[ext])
         if errors:
             yield Problem("unreadable shard", shard, errors[0])
