@@ -5,9 +5,12 @@ from __future__ import annotations
 import io
 import os
 import socket
+import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from imcap.config import DataConfig
@@ -69,6 +72,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))  # port 0: the kernel picks a free one
         return s.getsockname()[1]
+
+
+@contextmanager
+def read_only(directory: Path):
+    """`directory` unwritable while the block runs, for root too: chmod does not stop root, an immutable
+    directory (chattr +i) does. Skips the test where neither works (a filesystem without attributes)."""
+    if os.geteuid() == 0:
+        made = subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode == 0
+    else:
+        os.chmod(directory, 0o555)
+        made = True
+    try:
+        probe = Path(directory) / "probe"
+        try:
+            probe.touch()
+            probe.unlink()
+            writable = True
+        except OSError:
+            writable = False
+        if not made or writable:
+            pytest.skip(f"{directory} could not be made read-only here")
+        yield directory
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(directory)], capture_output=True)
+        else:
+            os.chmod(directory, 0o755)
 
 
 def image_bytes(image: Image.Image, fmt: str) -> bytes:
