@@ -30,6 +30,7 @@ from imcap.evaluation import Evaluation, Evaluator
 from imcap.metrics_log import MetricsLog
 from imcap.model import Captioner, caption_loss
 from imcap.resume import check_compatible, find_resume, load_checkpoint
+from imcap.run_dir import claim_run_dir
 from imcap.runtime import prepare_run_dir, start_process
 
 
@@ -37,7 +38,8 @@ def train(cfg: Config) -> dict:
     """Train as configured -> the last evaluation's scores. Stopped by a signal: saves, raises Preempted."""
     # processes, the run directory, the data
     acc = start_process(cfg)
-    resume_from = find_resume(cfg, acc)  # before any long work
+    claim_run_dir(cfg, acc)  # locked for this run, every place it writes checked: before any long work
+    resume_from = find_resume(cfg, acc)
     stop = StopFlag(cfg.train.preemption_signal)
     prepare_run_dir(cfg, acc)
     data = prepare_data(cfg, acc)
@@ -54,10 +56,9 @@ def train(cfg: Config) -> dict:
 
     # the loop: one optimizer step at a time through every epoch, on one loader
     acc.print(plan.describe(data, acc))
-    metrics = MetricsLog(cfg, acc, plan.total_steps, state.step)
     loader = data.train_loader(part_of(acc), state.epoch, state.batches_in_epoch, plan.epoch_batches)
     evaluation = None  # the last one
-    with DeviceBatches(loader, acc.device) as batches, metrics:  # metrics: its progress bar ends with the loop
+    with DeviceBatches(loader, acc.device) as batches, MetricsLog(cfg, acc, plan.total_steps, state.step) as metrics:
         while state.epoch < cfg.train.epochs:
             # step
             micro_batches = list(itertools.islice(batches, plan.micro_batches(state)))

@@ -5,7 +5,6 @@ import os
 import pickle
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import ROOT, free_port, run_env, tiny_overrides
+from helpers import (
+    BEFORE_STEP,
+    ROOT,
+    kill_9,
+    logged,
+    run_env,
+    start_ranks,
+    stopped,
+    stopping_at,
+    tiny_overrides,
+    wait_all,
+    wait_for,
+)
 from safetensors.torch import load_file
 
 from imcap.checkpoint import CheckpointError, latest_checkpoint, read_best
@@ -21,84 +32,6 @@ from imcap.config import ConfigError, load_config
 from imcap.distributed import EXIT_PREEMPTED, Preempted
 from imcap.resume import load_checkpoint, recover_interrupted_save, resolve_resume, safe_torch_load
 from imcap.train import train
-
-TRAIN = [sys.executable, "launch/train.py", "--config", "configs/demo.yaml"]
-
-
-STOP = """import os, signal
-
-def stop():
-    os.kill(os.getpid(), signal.SIGSTOP)  # frozen here until the test's kill -9
-"""
-RUN_TRAIN = """
-import runpy, sys
-sys.argv[0] = "launch/train.py"
-runpy.run_path("launch/train.py", run_name="__main__")
-"""
-
-
-def stopping_at(fault: str) -> list[str]:
-    """TRAIN, with `fault` (Python) run first in the training process: it patches a function of imcap so that
-    the process stops itself (SIGSTOP) at a named point, where the test kills it with kill_9. The kill lands
-    at that point in every run, not wherever a timer happened to meet the run."""
-    return [sys.executable, "-c", STOP + fault + RUN_TRAIN, *TRAIN[2:]]
-
-
-def stopped(proc: subprocess.Popen) -> bool:
-    """Whether proc is stopped, as `stop()` of stopping_at leaves it (state T in /proc/PID/stat)."""
-    stat = Path(f"/proc/{proc.pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2] == "T"
-
-
-def start_ranks(
-    overrides: list[str], world: int = 2, log: Path | None = None, command: list[str] = TRAIN
-) -> list[subprocess.Popen]:
-    """`world` plain python processes forming one gloo group, as torchrun would start them."""
-    port, procs = free_port(), []
-    for rank in range(world):
-        env = {
-            **run_env(),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "WORLD_SIZE": str(world),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world),
-        }
-        out = open(f"{log}.rank{rank}", "a") if log else subprocess.DEVNULL
-        procs.append(
-            subprocess.Popen(
-                [*command, *overrides], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        )
-    return procs
-
-
-def wait_all(procs, timeout=300) -> list[int]:
-    return [p.wait(timeout=timeout) for p in procs]
-
-
-def logged(run: Path, key: str = "train_loss") -> list[dict]:
-    """The run's metrics.jsonl records that hold `key`: training steps, or evaluations with val_loss."""
-    path = run / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines if f'"{key}"' in line]
-
-
-def wait_for(condition, procs, timeout=300, poll=0.05):
-    deadline = time.time() + timeout
-    while not condition():
-        if any(p.poll() is not None for p in procs):
-            raise AssertionError("training ended before the test could interrupt it")
-        if time.time() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(poll)
-
-
-def kill_9(procs):
-    for p in procs:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
 
 
 def exact_overrides(shards, runs, *extra):
@@ -118,19 +51,7 @@ def exact_overrides(shards, runs, *extra):
 
 
 # Where a run of exact_overrides is killed, and the checkpoint it then resumes from: (step, epoch, batches_in_epoch).
-# Each stops both ranks at the same point of their run: before a step, or after a save returned.
-BEFORE_STEP = """
-import imcap.train
-step, steps_done = imcap.train.train_step, [0]
-
-def train_step(*args, **kwargs):
-    if steps_done[0] == {done}:
-        stop()
-    steps_done[0] += 1
-    return step(*args, **kwargs)
-
-imcap.train.train_step = train_step
-"""
+# Each stops both ranks at the same point of their run: before a step (BEFORE_STEP), or after a save returned.
 AFTER_SAVE = """
 import imcap.checkpoint
 save = imcap.checkpoint.Checkpointer.save

@@ -1,0 +1,80 @@
+"""A run loses no work and says why it stops: places it cannot write refused at start, one run per run
+directory, Ctrl-C and SIGTERM honoured wherever the run is (the feature-cache build too)."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+from helpers import (
+    BEFORE_STEP,
+    ROOT,
+    logged,
+    read_only,
+    run_env,
+    stopped,
+    stopping_at,
+    tiny_overrides,
+    wait_for,
+)
+
+from imcap.config import load_config
+from imcap.run_dir import LOCK, RunDirError, lock_run_dir
+from imcap.train import train
+
+
+def demo_config(overrides):
+    return load_config(ROOT / "configs" / "demo.yaml", overrides)
+
+
+def start(command: list[str], overrides: list[str], log) -> subprocess.Popen:
+    """One training process in a session of its own: a signal to its group reaches it and its data workers only."""
+    return subprocess.Popen(
+        [*command, *overrides], cwd=ROOT, env=run_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def test_an_unwritable_checkpoints_directory_fails_the_run_before_its_first_step_naming_it(demo_shards, tmp_path):
+    checkpoints = tmp_path / "tiny" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    with read_only(checkpoints):
+        with pytest.raises(RunDirError, match=f"^{re.escape(str(checkpoints))} cannot be written"):
+            train(demo_config(tiny_overrides(demo_shards, tmp_path)))
+    assert not (tmp_path / "tiny" / "metrics.jsonl").exists()  # not a step trained
+
+
+def test_an_unwritable_run_directory_fails_the_run_at_start_naming_it(demo_shards, tmp_path):
+    run = tmp_path / "tiny"
+    run.mkdir()
+    with read_only(run):
+        with pytest.raises(RunDirError, match=f"^{re.escape(str(run))} cannot be written"):
+            train(demo_config(tiny_overrides(demo_shards, tmp_path)))
+
+
+def test_a_second_run_in_the_same_run_directory_is_refused_and_the_first_finishes_untouched(demo_shards, tmp_path):
+    overrides = tiny_overrides(demo_shards, tmp_path, "train.log_every=1")
+    with open(tmp_path / "log", "w") as log:
+        first = start(stopping_at(BEFORE_STEP.format(done=2)), overrides, log)
+        wait_for(lambda: stopped(first), [first])  # two steps done, the third not begun
+        holder = f"process {first.pid} on {socket.gethostname()} holds {tmp_path / 'tiny' / LOCK}"
+        with pytest.raises(RunDirError, match=f"is in use by another run: {re.escape(holder)}"):
+            train(demo_config(overrides))
+        os.kill(first.pid, signal.SIGCONT)
+        assert first.wait(timeout=300) == 0, (tmp_path / "log").read_text()[-3000:]
+    assert [r["step"] for r in logged(tmp_path / "tiny")] == list(range(1, 13))  # every step once
+
+
+def test_the_lock_of_a_killed_run_is_taken_by_the_next_run(demo_shards, tmp_path):
+    run = tmp_path / "tiny"
+    run.mkdir()
+    dies_holding_it = (
+        f"import os, signal; from imcap.run_dir import lock_run_dir; "
+        f"assert lock_run_dir({str(run)!r}) is None; os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    killed = subprocess.run([sys.executable, "-c", dies_holding_it], env=run_env())
+    assert killed.returncode == -signal.SIGKILL and (run / LOCK).read_text().split()[0].isdigit()
+    assert lock_run_dir(run) is None  # free: the kernel released it with the process
+    assert (run / LOCK).read_text() == f"{os.getpid()} {socket.gethostname()}\n"
