@@ -1,6 +1,7 @@
 """A run loses no work and says why it stops: places it cannot write refused at start, one run per run
 directory, Ctrl-C and SIGTERM honoured wherever the run is (the feature-cache build too)."""
 
+import json
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import pytest
 from helpers import (
     BEFORE_STEP,
     ROOT,
+    TRAIN,
     logged,
     read_only,
     run_env,
@@ -21,7 +23,9 @@ from helpers import (
     wait_for,
 )
 
+from imcap.checkpoint import latest_checkpoint
 from imcap.config import load_config
+from imcap.distributed import EXIT_PREEMPTED
 from imcap.run_dir import LOCK, RunDirError, lock_run_dir
 from imcap.train import train
 
@@ -78,3 +82,41 @@ def test_the_lock_of_a_killed_run_is_taken_by_the_next_run(demo_shards, tmp_path
     assert killed.returncode == -signal.SIGKILL and (run / LOCK).read_text().split()[0].isdigit()
     assert lock_run_dir(run) is None  # free: the kernel released it with the process
     assert (run / LOCK).read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_75_as_sigterm_does(demo_shards, tmp_path):
+    run = tmp_path / "tiny"
+    with open(tmp_path / "log", "w") as log:
+        proc = start(TRAIN, tiny_overrides(demo_shards, tmp_path, "train.log_every=1", "data.num_workers=2"), log)
+        wait_for(lambda: any(r["step"] >= 3 for r in logged(run)), [proc])
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does: to the process and its data workers
+        assert proc.wait(timeout=300) == EXIT_PREEMPTED, (tmp_path / "log").read_text()[-3000:]
+    step = json.loads((latest_checkpoint(run) / "state.json").read_text())["step"]
+    assert 3 <= step < 12 and step == logged(run)[-1]["step"]  # the last step trained is saved
+    assert f"stopped by SIGINT at step {step}; checkpoint saved" in (tmp_path / "log").read_text()
+
+
+PAUSE_BEFORE_SAVING_TO_STOP = """
+import imcap.checkpoint
+maybe_save = imcap.checkpoint.Checkpointer.maybe_save
+
+def pausing(self, state, evaluation, stopping=False):
+    if stopping:
+        stop()
+    return maybe_save(self, state, evaluation, stopping)
+
+imcap.checkpoint.Checkpointer.maybe_save = pausing
+"""
+
+
+def test_a_second_ctrl_c_while_the_first_is_being_saved_for_exits_at_once(demo_shards, tmp_path):
+    run = tmp_path / "tiny"
+    with open(tmp_path / "log", "w") as log:
+        proc = start(stopping_at(PAUSE_BEFORE_SAVING_TO_STOP), tiny_overrides(demo_shards, tmp_path), log)
+        wait_for(lambda: (run / "metrics.jsonl").exists(), [proc])  # training
+        os.killpg(proc.pid, signal.SIGINT)
+        wait_for(lambda: stopped(proc), [proc])  # about to save, as the first Ctrl-C asked
+        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGCONT)
+        assert proc.wait(timeout=60) == -signal.SIGINT
+    assert "KeyboardInterrupt" in (tmp_path / "log").read_text() and latest_checkpoint(run) is None
