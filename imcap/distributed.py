@@ -12,10 +12,12 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoin
 
 
 class Preempted(Exception):
-    """Training stopped by a signal after every rank saved the same step; entry points exit with EXIT_PREEMPTED."""
+    """Training stopped by a signal after every rank saved the same step (or, stopped before training, kept
+    what it had made); entry points exit with EXIT_PREEMPTED."""
 
-    def __init__(self, signal_name: str, step: int):
-        super().__init__(f"stopped by {signal_name} at step {step}; checkpoint saved, exiting with {EXIT_PREEMPTED}")
+    def __init__(self, signal_name: str, step: int | None, kept: str = "checkpoint saved"):
+        when = "before training" if step is None else f"at step {step}"
+        super().__init__(f"stopped by {signal_name} {when}; {kept}, exiting with {EXIT_PREEMPTED}")
 
 
 def part_of(accelerator) -> Part:

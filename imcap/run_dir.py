@@ -40,6 +40,13 @@ def claim_run_dir(cfg: Config, acc) -> None:
         raise RunDirError(problems[0])
 
 
+def check_writable(acc, directory: Path, why: str) -> None:
+    """-> RunDirError on every rank if any rank cannot write in `directory` (made if missing)."""
+    problems = [p for p in gather_objects(acc, unwritable(directory, why)) if p]
+    if problems:
+        raise RunDirError(problems[0])
+
+
 def _claim_on_main(cfg: Config) -> str | None:
     run_dir = cfg.run_dir
     problem = unwritable(run_dir, "the run directory: config, metrics and TensorBoard logs go there")

@@ -49,7 +49,7 @@ def train(cfg: Config) -> dict:
     model = Captioner(cfg.model, len(data.vocab), data.vocab.pad)
     optimizer, scheduler = make_optimizer(model, cfg, plan.total_steps)
     state = restore(resume_from, model, optimizer, scheduler, data, acc)
-    data = prepare_encoder(model, data, cfg, acc, fresh=resume_from is None)
+    data = prepare_encoder(model, data, cfg, acc, fresh=resume_from is None, stop=stop)
     model, optimizer = prepare_model(model, optimizer, cfg, acc)
     evaluator = make_evaluator(data, cfg, acc)
     checkpointer = Checkpointer(cfg, acc, model, optimizer, scheduler, data.vocab)

@@ -120,3 +120,43 @@ def test_a_second_ctrl_c_while_the_first_is_being_saved_for_exits_at_once(demo_s
         os.killpg(proc.pid, signal.SIGCONT)
         assert proc.wait(timeout=60) == -signal.SIGINT
     assert "KeyboardInterrupt" in (tmp_path / "log").read_text() and latest_checkpoint(run) is None
+
+
+PAUSE_AFTER_THE_FIRST_CACHE_SHARD = """
+import imcap.data.feature_cache
+cache_shard, written = imcap.data.feature_cache.cache_shard, []
+
+def pausing(*args, **kwargs):
+    cached = cache_shard(*args, **kwargs)
+    written.append(cached)
+    if len(written) == 1:
+        stop()
+    return cached
+
+imcap.data.feature_cache.cache_shard = pausing
+"""
+
+
+def test_sigterm_during_the_feature_cache_build_stops_it_after_the_shard_and_exits_75_without_training(
+    demo_shards, tmp_path
+):
+    shards = tmp_path / "shards"  # the demo shards, with a features/ directory of this test's own
+    shards.mkdir()
+    for f in demo_shards.iterdir():
+        if f.is_file():
+            (shards / f.name).symlink_to(f)
+    run = tmp_path / "tiny"
+    overrides = tiny_overrides(shards, tmp_path, "data.feature_cache=true")
+    with open(tmp_path / "log", "w") as log:
+        proc = start(stopping_at(PAUSE_AFTER_THE_FIRST_CACHE_SHARD), overrides, log)
+        wait_for(lambda: stopped(proc), [proc])  # the first cache shard written, 10 to go
+        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGCONT)
+        assert proc.wait(timeout=300) == EXIT_PREEMPTED, (tmp_path / "log").read_text()[-3000:]
+    assert (
+        "stopped by SIGTERM before training; the feature cache's complete shards are kept"
+        in (tmp_path / "log").read_text()
+    )
+    [cache] = (shards / "features").iterdir()
+    assert [p.name for p in cache.iterdir()] == ["train-000000.tar"] and not (cache / "cache.json").exists()
+    assert not (run / "metrics.jsonl").exists() and latest_checkpoint(run) is None  # nothing trained

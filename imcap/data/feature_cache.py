@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -81,7 +82,6 @@ def check_cache(cache_dir: str | Path, encoder: EncoderCNN, image_size: int, wei
         )
 
 
-@torch.no_grad()
 def build_cache_shards(
     encoder: EncoderCNN,
     source: str,
@@ -92,8 +92,23 @@ def build_cache_shards(
     dtype: str = "bf16",
     part: Part = Part(),
 ) -> dict[str, int]:
-    """Write this process's share of the cache shards (every world_size-th), on the encoder's device;
-    returns their sizes.
+    """Write this process's share of the cache shards (cache_shards); returns their sizes."""
+    return dict(c for c in cache_shards(encoder, source, splits, out_dir, image_size, batch_size, dtype, part) if c)
+
+
+def cache_shards(
+    encoder: EncoderCNN,
+    source: str,
+    splits: list[str],
+    out_dir: str | Path,
+    image_size: int,
+    batch_size: int,
+    dtype: str = "bf16",
+    part: Part = Part(),
+) -> Iterator[tuple[str, int] | None]:
+    """Write this process's share of the cache shards (every world_size-th), on the encoder's device, one
+    at a time: yields (name, samples) of each, or None in a round of world_size shards that has none for
+    this process, so that every process yields as often (a caller may agree on something between shards).
 
     Shards already complete in out_dir are kept (and counted), so an interrupted build continues where it
     stopped; none are kept from a finished cache of other shards than those now at source.
@@ -101,34 +116,44 @@ def build_cache_shards(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     encoder.eval()
-    device = encoder.mean.device
     # the same on every rank: finish_cache writes cache.json once every rank has built its share
     stale = _made_from_other_shards(read_cache_meta(out_dir), source)
-    sizes = {}
     shards = [s for split in splits for s in list_shards(source, split)]
-    for shard in shards[part.rank :: part.world_size]:
-        target = out_dir / Path(shard).name
-        if target.exists() and not stale:  # written by an interrupted build
-            sizes[target.name] = _cached_samples(target)
-            continue
-        with TarShard(target) as tar:
-            batch: list[tuple[str, Sample]] = []
-            errors: list[str] = []
-            for sample in read_shard(shard, errors):  # a truncated tar: its samples up to the cut
-                try:
-                    decoded = decode_sample(sample, image_size, None)
-                except SampleError:
-                    continue  # counted again, with its reason, when the source is checked or trained on
-                batch.append((sample["__key__"], decoded))
-                if len(batch) == batch_size:
-                    _write_batch(tar, batch, encoder, device, DTYPES[dtype])
-                    batch = []
-            if batch:
+    for first in range(0, len(shards), part.world_size):
+        mine = first + part.rank
+        yield (
+            cache_shard(encoder, shards[mine], out_dir, image_size, batch_size, dtype, stale)
+            if mine < len(shards)
+            else None
+        )
+
+
+@torch.no_grad()
+def cache_shard(
+    encoder: EncoderCNN, shard: str, out_dir: Path, image_size: int, batch_size: int, dtype: str, stale: bool
+) -> tuple[str, int]:
+    """The cache shard of one source shard, written unless an interrupted build left it -> (name, samples)."""
+    target = out_dir / Path(shard).name
+    if target.exists() and not stale:  # written by an interrupted build
+        return target.name, _cached_samples(target)
+    device = encoder.mean.device
+    with TarShard(target) as tar:
+        batch: list[tuple[str, Sample]] = []
+        errors: list[str] = []
+        for sample in read_shard(shard, errors):  # a truncated tar: its samples up to the cut
+            try:
+                decoded = decode_sample(sample, image_size, None)
+            except SampleError:
+                continue  # counted again, with its reason, when the source is checked or trained on
+            batch.append((sample["__key__"], decoded))
+            if len(batch) == batch_size:
                 _write_batch(tar, batch, encoder, device, DTYPES[dtype])
-            if errors:  # skipped as the trainer's reader skips it
-                log.warning("%s: unreadable after %d cached samples: %s", shard, tar.count, errors[0])
-        sizes[target.name] = tar.count
-    return sizes
+                batch = []
+        if batch:
+            _write_batch(tar, batch, encoder, device, DTYPES[dtype])
+        if errors:  # skipped as the trainer's reader skips it
+            log.warning("%s: unreadable after %d cached samples: %s", shard, tar.count, errors[0])
+    return target.name, tar.count
 
 
 def _cached_samples(cache_shard: Path) -> int:
