@@ -122,7 +122,9 @@ class Checkpointer:
             atomic_write(tmp / STATE, json.dumps({**asdict(state), "world_size": acc.num_processes}))
         acc.wait_for_everyone()  # every rank's RNG file is in place
         if acc.is_main_process:
-            os.replace(tmp, final)  # a step is saved once: the loop saves at most once per step
+            if final.exists():  # saved by a run killed before `latest` named it, which this run resumed before
+                shutil.rmtree(final)
+            os.replace(tmp, final)
             atomic_write(self.dir / LATEST, name)
             if score is not None:
                 self._update_best(name, *score)
