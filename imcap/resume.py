@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -15,7 +16,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from imcap.checkpoint import STATE, CheckpointError, TrainState, complete_checkpoints, latest_checkpoint
+from imcap.checkpoint import (
+    STATE,
+    CheckpointError,
+    TrainState,
+    checkpoint_problem,
+    complete_checkpoints,
+    latest_checkpoint,
+)
 from imcap.config import Config
 from imcap.distributed import broadcast_object
 from imcap.text import Vocabulary
@@ -31,13 +39,30 @@ def find_resume(cfg: Config, accelerator) -> Path | None:
 
 
 def recover_interrupted_save(run_dir: str | Path, accelerator) -> None:
-    """Remove the partial checkpoints a run killed during a save left."""
+    """Remove the partial checkpoints a run killed during a save left, and move aside (to broken-step-N)
+    every checkpoint that looks complete but is not, so that the run resumes from the newest intact one
+    and its own save of that step finds the name free."""
     checkpoints = Path(run_dir) / "checkpoints"
     if accelerator.is_main_process:
         checkpoints.mkdir(parents=True, exist_ok=True)
         for stale in checkpoints.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
+        for checkpoint in sorted(checkpoints.glob("step-*")):
+            problem = checkpoint_problem(checkpoint)
+            if problem is not None:
+                aside = _free_name(checkpoints / f"broken-{checkpoint.name}")
+                checkpoint.rename(aside)
+                log.warning(
+                    "%s cannot be resumed from: %s. Moved to %s; resuming without it", checkpoint, problem, aside
+                )
     accelerator.wait_for_everyone()
+
+
+def _free_name(path: Path) -> Path:
+    n = 1
+    while path.exists():
+        path, n = path.with_name(f"{path.name.rsplit('.', 1)[0]}.{n}"), n + 1
+    return path
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
@@ -51,7 +76,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
             raise CheckpointError(f"resume=latest, but {run_dir / 'checkpoints'} holds no complete checkpoint")
         return found
     found = None if resume == "none" else _checkpoint_at(resume)
-    step = json.loads((found / STATE).read_text())["step"] if found else 0
+    step = _read(found / STATE, lambda p: json.loads(p.read_text())["step"]) if found else 0
     later = [p for p in complete_checkpoints(Path(run_dir) / "checkpoints") if p != found and int(p.name[5:]) > step]
     if later:
         raise CheckpointError(
@@ -59,6 +84,9 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
             f"({', '.join(p.name for p in later[-3:])}), which this run's would mix with: set another run_name "
             "(or resume=auto to continue that run)"
         )
+    problem = checkpoint_problem(found) if found else None
+    if problem:
+        raise CheckpointError(f"resume={resume}: {problem}; resume from another checkpoint")
     return found
 
 
@@ -79,7 +107,7 @@ def _checkpoint_at(resume: str) -> Path:
 
 def check_compatible(checkpoint: Path, model, vocab: Vocabulary) -> None:
     """Refuse to resume into a model of another shape or with another vocabulary, saying what differs."""
-    saved_vocab = Vocabulary.load(checkpoint / "vocab.json")
+    saved_vocab = _read(checkpoint / "vocab.json", Vocabulary.load)
     if saved_vocab != vocab:
         added = sorted(set(vocab.words) - set(saved_vocab.words))[:5]
         removed = sorted(set(saved_vocab.words) - set(vocab.words))[:5]
@@ -88,7 +116,7 @@ def check_compatible(checkpoint: Path, model, vocab: Vocabulary) -> None:
             f"new words {added}, missing words {removed}. Resume with the same shards and text.min_word_count, "
             f"or start a new run (another run_name)."
         )
-    saved = load_file(checkpoint / "model.safetensors")
+    saved = _read(checkpoint / "model.safetensors", load_file)
     current = model.state_dict()
     different = [
         f"{k}: checkpoint {tuple(saved[k].shape)}, config {tuple(v.shape)}"
@@ -112,8 +140,8 @@ def load_checkpoint(
 
     Every file is read (safely) before anything is restored, so a bad checkpoint changes nothing."""
     saved = safe_torch_load(checkpoint / "optimizer.pt")
-    weights = load_file(checkpoint / "model.safetensors")
-    meta = json.loads((checkpoint / STATE).read_text())
+    weights = _read(checkpoint / "model.safetensors", load_file)
+    meta = _read(checkpoint / STATE, lambda p: json.loads(p.read_text()))
     rng_file = checkpoint / f"rng-rank{accelerator.process_index}.pt"
     same_world = meta["world_size"] == accelerator.num_processes and rng_file.exists()
     rng = safe_torch_load(rng_file) if same_world else None
@@ -150,11 +178,21 @@ def _order_differs(meta: dict, world_size: int, data_workers: int | None) -> boo
 def safe_torch_load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path} was not loaded: it holds something other than tensors and plain "
             f"values, which imcap never unpickles ({type(e).__name__}: {e})"
         ) from None
+    except Exception as e:
+        raise CheckpointError(f"{path} cannot be read, cut short or damaged ({type(e).__name__}: {e})") from None
+
+
+def _read(path: Path, read):
+    """read(path), any failure a CheckpointError naming the file."""
+    try:
+        return read(path)
+    except Exception as e:
+        raise CheckpointError(f"{path} cannot be read, cut short or damaged ({type(e).__name__}: {e})") from None
 
 
 def _set_rng_state(state: dict) -> None:

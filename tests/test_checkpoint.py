@@ -3,6 +3,8 @@
 import json
 import os
 import pickle
+import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -253,13 +255,67 @@ def trained_run(demo_shards, tmp_path_factory):
     return runs, demo_shards
 
 
-def test_the_partial_checkpoint_of_a_run_killed_during_a_save_is_removed_and_the_complete_ones_kept(tmp_path):
+def test_the_partial_checkpoint_of_a_run_killed_during_a_save_is_removed_and_the_complete_ones_kept(
+    tmp_path, trained_run
+):
+    runs, _ = trained_run
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / ".tmp-step-000005").mkdir(parents=True)  # killed before its rename
-    (checkpoints / "step-000004").mkdir()
-    (checkpoints / "step-000004" / "state.json").write_text("{}")
+    shutil.copytree(latest_checkpoint(runs / "tiny"), checkpoints / "step-000004")
     recover_interrupted_save(tmp_path, Accelerator(cpu=True))
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000004"]
+
+
+# A checkpoint that looks complete (state.json in place) but is not, and what the warning says of it.
+DAMAGE = {
+    "weights-cut-short": (
+        "model.safetensors",
+        lambda b: b[: len(b) // 2],
+        r"model\.safetensors is \d+ bytes, \d+ when",
+    ),
+    "state-json-garbled": ("state.json", lambda b: b[:20], r"state\.json is not readable JSON"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_bitwise_from_the_one_before(
+    demo_shards, tmp_path, uninterrupted, damage
+):
+    name, cut, says = DAMAGE[damage]
+    run = tmp_path / "runs" / "reference"
+    shutil.copytree(uninterrupted, run)  # saved at steps 8, 10 and 12 (keep_last 3)
+    newest = run / "checkpoints" / "step-000012"
+    (newest / name).write_bytes(cut((newest / name).read_bytes()))
+    logged_before = len(logged(run))
+    resumed = wait_all(
+        start_ranks(exact_overrides(demo_shards, tmp_path / "runs", "run_name=reference"), log=tmp_path / "log")
+    )
+    log_text = (tmp_path / "log.rank0").read_text()
+    assert resumed == [0, 0], log_text[-3000:]
+    assert re.search(f"{re.escape(str(newest))} cannot be resumed from: {re.escape(str(newest))}/{says}", log_text)
+    assert f"resumed from {run / 'checkpoints' / 'step-000010'} at step 10 " in log_text
+    assert (run / "checkpoints" / "broken-step-000012" / name).exists()  # kept for a look, out of the way
+
+    final_ref = load_file(uninterrupted / "checkpoints" / "step-000012" / "model.safetensors")
+    final = load_file(newest / "model.safetensors")  # saved again by the resumed run
+    assert final.keys() == final_ref.keys() and all(torch.equal(final[k], final_ref[k]) for k in final)
+    expected = {r["step"]: r for r in logged(uninterrupted)}
+    assert [(r["step"], r["train_loss"]) for r in logged(run)[logged_before:]] == [
+        (step, expected[step]["train_loss"]) for step in (11, 12)
+    ]
+
+
+def test_resuming_from_a_named_checkpoint_that_is_cut_short_is_refused_naming_the_file(trained_run, tmp_path):
+    runs, _ = trained_run
+    named = tmp_path / "step-000012"
+    shutil.copytree(latest_checkpoint(runs / "tiny"), named)
+    weights = named / "model.safetensors"
+    saved_size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(
+        CheckpointError, match=f"^resume={re.escape(str(named))}: {re.escape(str(weights))} is 100 bytes, {saved_size} "
+    ):
+        resolve_resume(str(named), tmp_path)
 
 
 def test_the_end_of_training_is_evaluated_and_best_is_scored_on_its_own_weights(trained_run):
