@@ -48,7 +48,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # the epoch the next batch belongs to
     batches_in_epoch: int = 0  # batches of that epoch already trained on (the data position)
-    data_workers: int | None = None  # per process; with the world size, it decides an epoch's order
+    data_workers: int | None = None  # per process; with world and batch size, it decides an epoch's order
 
     def advance(self, batches: int, epoch_batches: int) -> None:
         """One optimizer step on `batches` micro-batches; past an epoch's last batch, the next epoch."""
@@ -140,11 +140,11 @@ class Checkpointer:
         return final
 
     def _write_state(self, tmp: Path, state: TrainState) -> None:
-        """state.json, last: the data position, the world size, and every other file's size."""
+        """state.json, last: the data position, what decides the data order, and every other file's size."""
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         for name in files:
             fsync(tmp / name)
-        meta = {**asdict(state), "world_size": self.acc.num_processes}
+        meta = {**asdict(state), "world_size": self.acc.num_processes, "batch_size": self.cfg.data.batch_size}
         with open(tmp / STATE, "w") as f:
             f.write(json.dumps({**meta, "files": files}))
             f.flush()

@@ -10,10 +10,12 @@ import logging
 import pickle
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from imcap.checkpoint import (
@@ -132,16 +134,28 @@ def check_compatible(checkpoint: Path, model, vocab: Vocabulary) -> None:
         )
 
 
+@dataclass(frozen=True)
+class EpochReader:
+    """What decides the order and the length of a run's epochs, for resuming into the middle of one."""
+
+    world_size: int
+    data_workers: int | None  # per process
+    batch_size: int
+    epoch_batches: int  # per process
+
+
 def load_checkpoint(
-    checkpoint: Path, model, optimizer, scheduler, accelerator, data_workers: int | None = None
+    checkpoint: Path, model, optimizer, scheduler, accelerator, reader: EpochReader | None = None
 ) -> TrainState:
-    """Restore model, optimizer, scheduler, this rank's RNG state and the data position, for a run
-    with `data_workers` data workers per process.
+    """Restore model, optimizer, scheduler, this rank's RNG state and the data position, for a run that
+    reads its epochs as `reader` says (None: as the checkpoint's run did).
 
     Every file is read (safely) before anything is restored, so a bad checkpoint changes nothing."""
     saved = safe_torch_load(checkpoint / "optimizer.pt")
     weights = _read(checkpoint / "model.safetensors", load_file)
     meta = _read(checkpoint / STATE, lambda p: json.loads(p.read_text()))
+    if "batch_size" not in meta:  # saved before state.json recorded it: its config says
+        meta["batch_size"] = _read(checkpoint / "config.yaml", _batch_size_in_config)
     rng_file = checkpoint / f"rng-rank{accelerator.process_index}.pt"
     same_world = meta["world_size"] == accelerator.num_processes and rng_file.exists()
     rng = safe_torch_load(rng_file) if same_world else None
@@ -150,29 +164,66 @@ def load_checkpoint(
     scheduler.load_state_dict(saved["scheduler"])
     if rng is not None:  # with another world size the data order changes anyway; keep the fresh seeds
         _set_rng_state(rng)
-    if meta["batches_in_epoch"] and _order_differs(meta, accelerator.num_processes, data_workers):
+    epoch, batches = resume_position(meta, reader, checkpoint) if reader else (meta["epoch"], meta["batches_in_epoch"])
+    return TrainState(meta["step"], epoch, batches, reader.data_workers if reader else meta.get("data_workers"))
+
+
+def resume_position(meta: dict, reader: EpochReader, checkpoint: Path) -> tuple[int, int]:
+    """(epoch, batches of it already trained on per process) for a run reading as `reader` says, resuming
+    the checkpoint of `meta`. Read as it was saved, the epoch continues exactly. Read otherwise, it comes
+    in another order: as many of its samples are skipped as were trained, to whole batches on every
+    process (rounded down: a few trained twice rather than any left out), and a warning says exactly how
+    many samples the epoch is trained on."""
+    epoch, done = meta["epoch"], meta["batches_in_epoch"]
+    if not done or not _order_differs(meta, reader):
+        return epoch, done
+    trained = done * meta["world_size"] * meta["batch_size"]
+    per_batch = reader.world_size * reader.batch_size  # samples of one batch on every process
+    skip = trained // per_batch
+    full = reader.epoch_batches * per_batch  # the epoch's samples for this run
+    saved_by = (
+        f"{checkpoint} was saved {done} batches into epoch {epoch} by {meta['world_size']} process(es) with "
+        f"{meta.get('data_workers')} data workers each, in batches of {meta['batch_size']}: {trained} of the epoch's "
+        f"samples were trained. This run has {reader.world_size} with {reader.data_workers}, in batches of "
+        f"{reader.batch_size}, and reads the epoch in another order"
+    )
+    if skip >= reader.epoch_batches:
         log.warning(
-            "%s was saved %d batches into epoch %d by %d process(es) with %s data workers each; this run "
-            "has %d with %s: the rest of that epoch comes in another order, so some of its samples are "
-            "trained on twice and others not at all. Resume with the same numbers to continue exactly.",
-            checkpoint,
-            meta["batches_in_epoch"],
-            meta["epoch"],
-            meta["world_size"],
-            meta.get("data_workers"),
-            accelerator.num_processes,
-            data_workers,
+            "%s, in which an epoch has %d samples: it counts epoch %d as done and begins epoch %d.",
+            saved_by,
+            full,
+            epoch,
+            epoch + 1,
         )
-    return TrainState(meta["step"], meta["epoch"], meta["batches_in_epoch"], data_workers)
+        return epoch + 1, 0
+    rest = (reader.epoch_batches - skip) * per_batch
+    log.warning(
+        "%s: it skips the first %d batches of each process (%d samples) and trains the other %d (%d samples), "
+        "so the epoch is trained on %d samples where an uninterrupted one has %d; which of them are trained "
+        "twice and which not at all depends on the two orders. Resume with the same numbers to continue exactly.",
+        saved_by,
+        skip,
+        skip * per_batch,
+        reader.epoch_batches - skip,
+        rest,
+        trained + rest,
+        full,
+    )
+    return epoch, skip
 
 
-def _order_differs(meta: dict, world_size: int, data_workers: int | None) -> bool:
+def _batch_size_in_config(path: Path) -> int:
+    return yaml.safe_load(path.read_text())["data"]["batch_size"]
+
+
+def _order_differs(meta: dict, reader: EpochReader) -> bool:
     """Whether this run reads an epoch in another order than the run that saved `meta`: another world
-    size, or another number of data streams per process (its workers; without workers, the process)."""
-    if meta["world_size"] != world_size:
+    size or batch size, or another number of data streams per process (its workers; without workers,
+    the process)."""
+    if meta["world_size"] != reader.world_size or meta["batch_size"] != reader.batch_size:
         return True
     saved = meta.get("data_workers")  # absent from checkpoints of earlier versions: unknown
-    return saved is not None and max(1, saved) != max(1, data_workers or 0)
+    return saved is not None and max(1, saved) != max(1, reader.data_workers or 0)
 
 
 def safe_torch_load(path: Path):

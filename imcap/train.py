@@ -29,7 +29,7 @@ from imcap.encoder_setup import prepare_encoder
 from imcap.evaluation import Evaluation, Evaluator
 from imcap.metrics_log import MetricsLog
 from imcap.model import Captioner, caption_loss
-from imcap.resume import check_compatible, find_resume, load_checkpoint
+from imcap.resume import EpochReader, check_compatible, find_resume, load_checkpoint
 from imcap.run_dir import claim_run_dir
 from imcap.runtime import prepare_run_dir, start_process
 
@@ -48,7 +48,7 @@ def train(cfg: Config) -> dict:
     # the model and optimizer: restored, or with the encoder's statistics estimated; then the feature cache
     model = Captioner(cfg.model, len(data.vocab), data.vocab.pad)
     optimizer, scheduler = make_optimizer(model, cfg, plan.total_steps)
-    state = restore(resume_from, model, optimizer, scheduler, data, acc)
+    state = restore(resume_from, model, optimizer, scheduler, data, acc, plan)
     data = prepare_encoder(model, data, cfg, acc, fresh=resume_from is None, stop=stop)
     model, optimizer = prepare_model(model, optimizer, cfg, acc)
     evaluator = make_evaluator(data, cfg, acc)
@@ -156,13 +156,17 @@ def make_scheduler(optimizer, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def restore(checkpoint, model, optimizer, scheduler, data: TrainingData, acc: Accelerator) -> TrainState:
-    """The state a checkpoint saved, with model, optimizer, scheduler and RNG restored; without one, a fresh start."""
+def restore(
+    checkpoint, model, optimizer, scheduler, data: TrainingData, acc: Accelerator, plan: EpochPlan
+) -> TrainState:
+    """The state a checkpoint saved, with model, optimizer, scheduler and RNG restored, at its place in the
+    epoch as this run reads it; without one, a fresh start."""
     workers = data.train_workers(acc.num_processes)
     if checkpoint is None:
         return TrainState(data_workers=workers)
     check_compatible(checkpoint, model, data.vocab)
-    state = load_checkpoint(checkpoint, model, optimizer, scheduler, acc, workers)
+    reader = EpochReader(acc.num_processes, workers, data.cfg.data.batch_size, plan.epoch_batches)
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler, acc, reader)
     acc.print(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
     return state
 

@@ -32,7 +32,14 @@ from safetensors.torch import load_file
 from imcap.checkpoint import CheckpointError, latest_checkpoint, read_best
 from imcap.config import ConfigError, load_config
 from imcap.distributed import EXIT_PREEMPTED, Preempted
-from imcap.resume import load_checkpoint, recover_interrupted_save, resolve_resume, safe_torch_load
+from imcap.resume import (
+    EpochReader,
+    load_checkpoint,
+    recover_interrupted_save,
+    resolve_resume,
+    resume_position,
+    safe_torch_load,
+)
 from imcap.train import train
 
 
@@ -236,11 +243,55 @@ def test_resuming_with_more_accumulation_ends_each_epoch_where_it_ends_with_a_sh
             [*first, "run_name=more-accum", f"resume={saved}", "train.grad_accum_steps=2", "data.num_workers=2"],
         )
     )
-    assert "by 1 process(es) with 0 data workers each; this run has 1 with 2" in caplog.text
+    assert (
+        "by 1 process(es) with 0 data workers each, in batches of 8: 24 of the epoch's samples were trained. This run "
+        "has 1 with 2, in batches of 8, and reads the epoch in another order: it skips the first 3 batches of each "
+        "process (24 samples) and trains the other 9 (72 samples), so the epoch is trained on 96 samples where an "
+        "uninterrupted one has 96"
+    ) in caplog.text
     state = json.loads((latest_checkpoint(tmp_path / "more-accum") / "state.json").read_text())
     assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (3 + 5 + 6, 2, 0)
     evaluated = logged(tmp_path / "more-accum", "val_loss")
     assert [(r["step"], r["epoch"]) for r in evaluated] == [(8, 1), (14, 2)]
+
+
+def test_resumed_mid_epoch_on_more_processes_the_epoch_is_finished_saying_how_many_samples_it_trains(
+    demo_shards, tmp_path
+):
+    """Saved 5 batches of 8 into an epoch of 96 samples by 1 process: 40 trained. Resumed on 2 processes,
+    whose epoch is 6 batches each: 2 of them (32 samples) are skipped, the other 4 trained (64 samples), so
+    the epoch is trained on 104 samples. Skipping the saved 5 batches instead left one step of that epoch."""
+    first = tiny_overrides(demo_shards, tmp_path, "checkpoint.every_steps=5", "checkpoint.keep_last=10")
+    train(load_config(ROOT / "configs" / "demo.yaml", first))
+    saved = tmp_path / "tiny" / "checkpoints" / "step-000005"
+    more = [*first, "run_name=two", f"resume={saved}", "train.cpu=true", "train.log_every=1"]
+    assert wait_all(start_ranks(more, log=tmp_path / "log")) == [0, 0]
+    assert [(r["step"], r["epoch"]) for r in logged(tmp_path / "two")] == [(6, 0), (7, 0), (8, 0), (9, 1)]
+    log_text = (tmp_path / "log.rank0").read_text()
+    assert (
+        f"{saved} was saved 5 batches into epoch 0 by 1 process(es) with 0 data workers each, in batches of 8: 40 "
+        "of the epoch's samples were trained. This run has 2 with 0, in batches of 8, and reads the epoch in "
+        "another order: it skips the first 2 batches of each process (32 samples) and trains the other 4 (64 "
+        "samples), so the epoch is trained on 104 samples where an uninterrupted one has 96"
+    ) in log_text
+    assert f"resumed from {saved} at step 5 (epoch 0, batch 2)" in log_text
+
+
+def test_the_place_in_an_epoch_read_another_way_is_where_as_many_samples_were_trained(caplog):
+    """Saved 3 batches of 8 into the epoch on each of 2 processes: 48 samples trained."""
+    saved = {"step": 5, "epoch": 0, "batches_in_epoch": 3, "world_size": 2, "data_workers": 2, "batch_size": 8}
+    assert resume_position(saved, EpochReader(2, 2, 8, 6), Path("c")) == (0, 3) and not caplog.text  # as saved
+    assert resume_position(saved, EpochReader(1, 0, 8, 12), Path("c")) == (0, 6)  # 6 x 8
+    assert "trained on 96 samples where an uninterrupted one has 96" in caplog.text
+    assert resume_position(saved, EpochReader(1, 0, 16, 6), Path("c")) == (0, 3)  # 3 x 16
+    assert resume_position(saved, EpochReader(4, 0, 8, 3), Path("c")) == (0, 1)  # 1 x 4 x 8: 16 more twice
+    assert "skips the first 1 batches of each process (32 samples) and trains the other 2 (64 samples), so the " in (
+        caplog.text
+    )
+    assert "epoch is trained on 112 samples where an uninterrupted one has 96" in caplog.text
+    # this run's epoch (1 batch on each of 4 processes) holds fewer samples than were trained of it: done
+    assert resume_position(saved, EpochReader(4, 0, 8, 1), Path("c")) == (1, 0)
+    assert "in which an epoch has 32 samples: it counts epoch 0 as done and begins epoch 1" in caplog.text
 
 
 @pytest.fixture(scope="module")
