@@ -85,7 +85,9 @@ def use_feature_cache(
         return data
     cache = feature_cache.cache_dir_for(d.shards, encoder, d.image_size)
     if not feature_cache.cache_is_complete(cache, d.shards):
-        check_writable(acc, cache, "the feature cache is written there")
+        check_writable(
+            acc, cache, "the feature cache is written there", "make it writable or set data.feature_cache=false"
+        )
         build_feature_cache(model, cfg, acc, cache, cfg.eval.batch_size, stop=stop)
     return data.with_shards(str(cache))
 

@@ -11,6 +11,7 @@ so the lock of a killed run is free for the next one and never needs removing by
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 from pathlib import Path
@@ -19,6 +20,7 @@ from imcap.config import Config, ConfigError
 from imcap.distributed import gather_objects
 from imcap.metrics import temp_dir
 
+log = logging.getLogger(__name__)
 LOCK = ".lock"
 
 _held: dict[Path, object] = {}  # run directory -> its open lock file: held for this process's life
@@ -34,32 +36,37 @@ def claim_run_dir(cfg: Config, acc) -> None:
     problem = _claim_on_main(cfg) if acc.is_main_process else None
     acc.wait_for_everyone()  # the directories exist: the other ranks check what they write themselves
     if problem is None and not acc.is_main_process:
-        problem = unwritable(cfg.run_dir / "checkpoints", "each rank saves its RNG state there")
+        problem = unwritable(cfg.run_dir / "checkpoints", "every rank saves its RNG state there")
     problems = [p for p in gather_objects(acc, problem) if p]
     if problems:
         raise RunDirError(problems[0])
 
 
-def check_writable(acc, directory: Path, why: str) -> None:
+def check_writable(acc, directory: Path, why: str, remedy: str) -> None:
     """-> RunDirError on every rank if any rank cannot write in `directory` (made if missing)."""
-    problems = [p for p in gather_objects(acc, unwritable(directory, why)) if p]
+    problems = [p for p in gather_objects(acc, unwritable(directory, why, remedy)) if p]
     if problems:
         raise RunDirError(problems[0])
 
 
 def _claim_on_main(cfg: Config) -> str | None:
+    """The lock and every check of the main process -> the first problem, or None."""
     run_dir = cfg.run_dir
-    problem = unwritable(run_dir, "the run directory: config, metrics and TensorBoard logs go there")
-    if problem is None:
-        problem = lock_run_dir(run_dir)
-    for path, why in [
-        (run_dir / "checkpoints", "checkpoints are saved there"),
-        (Path(temp_dir()), "the PTB tokeniser's temporary files go there"),
-    ]:
-        problem = problem or unwritable(path, why)
-    for existing in (run_dir / "config.yaml", run_dir / "metrics.jsonl"):
-        problem = problem or _unwritable_file(existing)
-    return problem
+    return (
+        unwritable(run_dir, "the run directory: config, metrics and TensorBoard logs go there")
+        or lock_run_dir(run_dir)
+        or unwritable(run_dir / "checkpoints", "checkpoints are saved there")
+        or _temp_dir_problem()
+        or _unwritable_file(run_dir / "config.yaml")
+        or _unwritable_file(run_dir / "metrics.jsonl")
+    )
+
+
+def _temp_dir_problem() -> str | None:
+    try:  # gettempdir() takes the first writable of TMPDIR, /tmp, ...; with none, FileNotFoundError
+        return unwritable(Path(temp_dir()), "the PTB tokeniser's input files go there", "set TMPDIR")
+    except FileNotFoundError as e:
+        return f"{e}: the PTB tokeniser's input files need one; set TMPDIR"
 
 
 def lock_run_dir(run_dir: Path) -> str | None:
@@ -79,6 +86,8 @@ def lock_run_dir(run_dir: Path) -> str | None:
             f"{run_dir} is in use by another run: process {holder[0]} on {holder[-1]} holds {path}. "
             "Wait for it to end (or stop it), or set another run_name"
         )
+    except OSError as e:  # a filesystem without flock (Lustre without -o flock): train, but say so
+        log.warning("%s cannot be locked (%s): nothing stops a second run with this run_name", path, e.strerror)
     lock.truncate(0)
     lock.write(f"{os.getpid()} {socket.gethostname()}\n")
     lock.flush()
@@ -86,7 +95,7 @@ def lock_run_dir(run_dir: Path) -> str | None:
     return None
 
 
-def unwritable(directory: Path, why: str) -> str | None:
+def unwritable(directory: Path, why: str, remedy: str = "make it writable or set runs_dir") -> str | None:
     """None if a file can be created in `directory` (made if missing) and removed again; else why not."""
     probe = Path(directory) / f".write-probe-{socket.gethostname()}-{os.getpid()}"
     try:
@@ -95,7 +104,7 @@ def unwritable(directory: Path, why: str) -> str | None:
             f.write("probe")
         probe.unlink()
     except OSError as e:
-        return f"{directory} cannot be written ({why}): {e.strerror or e}; make it writable or set runs_dir"
+        return f"{directory} cannot be written ({why}): {e.strerror or e}; {remedy}"
     return None
 
 
