@@ -6,13 +6,17 @@
         best           the name of the best one, and its score
 
 A checkpoint is written into `.tmp-step-N/` by all ranks and renamed to `step-N/` by the main process
-once every rank has finished; `state.json` is written last. `latest` is replaced atomically after the
-rename, so it never names a partial checkpoint, and a crash during a save leaves the previous one intact.
+once every rank has finished; `state.json` is written last, with the size of every other file in it.
+`latest` is replaced atomically after the rename, so it never names a partial checkpoint, and a crash
+during a save leaves the previous one intact. Files and directories are flushed to the disk (fsync)
+before each rename, so a power cut cannot leave a renamed checkpoint with files cut short; one found
+cut short anyway (a full disk, a copy) is told apart by `checkpoint_problem`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -25,14 +29,15 @@ import torch
 from safetensors.torch import save_file
 
 from imcap.config import CheckpointConfig, Config, save_config
-from imcap.data.shards import atomic_write
 from imcap.errors import ImcapError
 from imcap.text import Vocabulary
 
 if TYPE_CHECKING:
     from imcap.evaluation import Evaluation
 
+log = logging.getLogger(__name__)
 LATEST, BEST, STATE = "latest", "best", "state.json"
+REQUIRED = ("model.safetensors", "optimizer.pt", "vocab.json", "config.yaml")  # besides state.json
 
 
 class CheckpointError(ImcapError, RuntimeError):
@@ -44,7 +49,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # the epoch the next batch belongs to
     batches_in_epoch: int = 0  # batches of that epoch already trained on (the data position)
-    data_workers: int | None = None  # per process; with the world size, it decides an epoch's order
+    data_workers: int | None = None  # per process; with world and batch size, it decides an epoch's order
 
     def advance(self, batches: int, epoch_batches: int) -> None:
         """One optimizer step on `batches` micro-batches; past an epoch's last batch, the next epoch."""
@@ -112,6 +117,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng-rank{acc.process_index}.pt")
+        fsync(tmp / f"rng-rank{acc.process_index}.pt")
         if acc.is_main_process:
             save_file(contiguous_state(acc.unwrap_model(self.model)), tmp / "model.safetensors")
             torch.save(
@@ -120,19 +126,31 @@ class Checkpointer:
             )
             self.vocab.save(tmp / "vocab.json")
             save_config(self.cfg, tmp / "config.yaml")
-            atomic_write(tmp / STATE, json.dumps({**asdict(state), "world_size": acc.num_processes}))
         acc.wait_for_everyone()  # every rank's RNG file is in place
         if acc.is_main_process:
-            # a copy of this step already there is one a killed run renamed but never named `latest`: `latest`
-            # names the checkpoint before it, so replacing the copy loses nothing
-            shutil.rmtree(final, ignore_errors=True)
+            self._write_state(tmp, state)
+            if final.exists():  # saved by a run killed before `latest` named it, which this run resumed before
+                shutil.rmtree(final)
             os.replace(tmp, final)
-            atomic_write(self.dir / LATEST, name)
+            fsync(self.dir)
+            durable_write(self.dir / LATEST, name)
             if score is not None:
                 self._update_best(name, *score)
             self._prune()
         acc.wait_for_everyone()
         return final
+
+    def _write_state(self, tmp: Path, state: TrainState) -> None:
+        """state.json, last: the data position, what decides the data order, and every other file's size."""
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        for name in files:
+            fsync(tmp / name)
+        meta = {**asdict(state), "world_size": self.acc.num_processes, "batch_size": self.cfg.data.batch_size}
+        with open(tmp / STATE, "w") as f:
+            f.write(json.dumps({**meta, "files": files}))
+            f.flush()
+            os.fsync(f.fileno())
+        fsync(tmp)
 
     def _update_best(self, name: str, metric: str, value: float, higher_is_better: bool) -> None:
         best = read_best(self.dir)
@@ -142,7 +160,7 @@ class Checkpointer:
             or (value > best["value"] if higher_is_better else value < best["value"])
         )
         if better:
-            atomic_write(self.dir / BEST, json.dumps({"name": name, "metric": metric, "value": value}))
+            durable_write(self.dir / BEST, json.dumps({"name": name, "metric": metric, "value": value}))
 
     def _prune(self) -> None:
         keep = {p.name for p in complete_checkpoints(self.dir)[-self.settings.keep_last :]}
@@ -166,18 +184,65 @@ def complete_checkpoints(checkpoints: Path) -> list[Path]:
     return sorted(p for p in checkpoints.glob("step-*") if (p / STATE).exists())
 
 
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from, naming the file (missing, cut short, state.json unreadable);
+    None if it is intact. Checkpoints saved before state.json listed the files' sizes: their files are
+    only checked present."""
+    try:
+        meta = json.loads((checkpoint / STATE).read_text())
+    except FileNotFoundError:
+        return f"{checkpoint / STATE} is missing"
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        return f"{checkpoint / STATE} is not readable JSON ({e})"
+    keys = ("step", "epoch", "batches_in_epoch", "world_size")
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in keys):
+        return f"{checkpoint / STATE} lacks one of {', '.join(keys)}"
+    for name, size in (meta.get("files") or dict.fromkeys(REQUIRED)).items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if size is not None and path.stat().st_size != size:
+            return f"{path} is {path.stat().st_size} bytes, {size} when it was saved"
+    return None
+
+
 def read_best(checkpoints: Path) -> dict | None:
     path = checkpoints / BEST
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint `latest` names, if it is complete; else the newest complete one; else None."""
+    """The checkpoint `latest` names, if it is intact; else the newest intact one (a warning names each
+    newer one skipped, and why); else None."""
     checkpoints = Path(run_dir) / "checkpoints"
     pointer = checkpoints / LATEST
-    if pointer.exists():
-        named = checkpoints / pointer.read_text().strip()
-        if (named / STATE).exists():
-            return named
-    complete = complete_checkpoints(checkpoints)
-    return complete[-1] if complete else None
+    named = [checkpoints / pointer.read_text().strip()] if pointer.exists() else []
+    for candidate in dict.fromkeys([*named, *reversed(complete_checkpoints(checkpoints))]):
+        if not (candidate / STATE).exists():
+            continue
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        log.warning("skipping checkpoint %s: %s", candidate, problem)
+    return None
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to the disk: a rename is durable only after both."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_write(path: Path, text: str) -> None:
+    """Replace `path` by a file holding `text`, atomically (readers see the old file or the new one) and
+    durably (on the disk when this returns)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync(path.parent)

@@ -12,10 +12,12 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoin
 
 
 class Preempted(Exception):
-    """Training stopped by a signal after every rank saved the same step; entry points exit with EXIT_PREEMPTED."""
+    """Training stopped by a signal after every rank saved the same step (or, stopped before training, kept
+    what it had made); entry points exit with EXIT_PREEMPTED."""
 
-    def __init__(self, signal_name: str, step: int):
-        super().__init__(f"stopped by {signal_name} at step {step}; checkpoint saved, exiting with {EXIT_PREEMPTED}")
+    def __init__(self, signal_name: str, step: int | None, kept: str = "checkpoint saved"):
+        when = "before training" if step is None else f"at step {step}"
+        super().__init__(f"stopped by {signal_name} {when}; {kept}, exiting with {EXIT_PREEMPTED}")
 
 
 def part_of(accelerator) -> Part:
@@ -42,19 +44,22 @@ def gather_objects(accelerator, obj) -> list:
 
 
 class StopFlag:
-    """Set by SIGTERM or the preemption signal; ranks agree on it at step boundaries.
+    """Set by SIGTERM, SIGINT (Ctrl-C) or the preemption signal; ranks agree on it at step boundaries.
 
-    The handler only sets a flag, so a signal that arrives during a save (a second one included)
-    cannot interrupt the write.
+    The handler only sets a flag, so a signal that arrives during a save (a second SIGTERM included)
+    cannot interrupt the write. A second Ctrl-C can: after the first, SIGINT raises KeyboardInterrupt
+    again, for someone who would rather stop now than wait for the save.
     """
 
     def __init__(self, preemption_signal: str = "SIGUSR1"):
         self.received: str | None = None
-        for sig in {signal.SIGTERM, getattr(signal, preemption_signal)}:
+        for sig in {signal.SIGTERM, signal.SIGINT, getattr(signal, preemption_signal)}:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame):
         self.received = self.received or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def agreed(self, accelerator) -> str | None:
         """On every rank, the name of a signal any rank received, else None (an all-reduce: call it on all ranks)."""

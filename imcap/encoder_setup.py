@@ -13,17 +13,20 @@ from imcap.data import feature_cache
 from imcap.data.prefetch import to_device
 from imcap.data.streams import EvalStream, Part, eval_loader
 from imcap.data.training_data import TrainingData
-from imcap.distributed import gather_objects, part_of
+from imcap.distributed import Preempted, StopFlag, gather_objects, part_of
 from imcap.model import Captioner
 from imcap.model.encoder import estimate_batchnorm_stats, estimate_feature_stats
+from imcap.run_dir import check_writable
 
 
-def prepare_encoder(model: Captioner, data: TrainingData, cfg: Config, acc: Accelerator, fresh: bool) -> TrainingData:
+def prepare_encoder(
+    model: Captioner, data: TrainingData, cfg: Config, acc: Accelerator, fresh: bool, stop: StopFlag | None = None
+) -> TrainingData:
     """The statistics (for a fresh model; a resumed one has its own), and the data read from the feature
-    cache where the config asks for one."""
+    cache where the config asks for one. A signal caught by `stop` ends the cache build between shards."""
     if fresh:
         estimate_batchnorm(model, data, cfg, acc)
-    data = use_feature_cache(model, data, cfg, acc)
+    data = use_feature_cache(model, data, cfg, acc, stop)
     if fresh:
         standardize_features(model, data, cfg, acc)
     return data
@@ -70,7 +73,9 @@ def standardize_features(model: Captioner, data: TrainingData, cfg: Config, acc:
     acc.print(f"standardising the encoder's features with statistics of {seen} train images")
 
 
-def use_feature_cache(model: Captioner, data: TrainingData, cfg: Config, acc: Accelerator) -> TrainingData:
+def use_feature_cache(
+    model: Captioner, data: TrainingData, cfg: Config, acc: Accelerator, stop: StopFlag | None = None
+) -> TrainingData:
     """With data.feature_cache, build (or reuse) the cache of the frozen encoder part and read from it."""
     encoder, d = model.encoder, cfg.data
     if feature_cache.read_cache_meta(d.shards):  # pointed at a cache directly
@@ -80,20 +85,30 @@ def use_feature_cache(model: Captioner, data: TrainingData, cfg: Config, acc: Ac
         return data
     cache = feature_cache.cache_dir_for(d.shards, encoder, d.image_size)
     if not feature_cache.cache_is_complete(cache, d.shards):
-        build_feature_cache(model, cfg, acc, cache, cfg.eval.batch_size)
+        check_writable(
+            acc, cache, "the feature cache is written there", "make it writable or set data.feature_cache=false"
+        )
+        build_feature_cache(model, cfg, acc, cache, cfg.eval.batch_size, stop=stop)
     return data.with_shards(str(cache))
 
 
 def build_feature_cache(
-    model: Captioner, cfg: Config, acc: Accelerator, out: Path, batch_size: int, dtype: str = "bf16"
+    model: Captioner,
+    cfg: Config,
+    acc: Accelerator,
+    out: Path,
+    batch_size: int,
+    dtype: str = "bf16",
+    stop: StopFlag | None = None,
 ) -> int:
     """Every rank caches its share of the train and val shards; the main process marks the cache complete.
-    -> the number of images cached."""
+    -> the number of images cached. A signal caught by `stop` raises Preempted once every rank has finished
+    the shard it is writing: the complete shards are kept, and the next build starts after them."""
     encoder, d = model.encoder, cfg.data
     acc.print(f"caching the frozen encoder's features in {out}")
-    start = time.time()
+    start, sizes = time.time(), {}
     with acc.autocast():  # bf16 on a CPU with bf16 instructions: twice as fast, and the cache holds bf16
-        sizes = feature_cache.build_cache_shards(
+        shards = feature_cache.cache_shards(
             encoder.to(acc.device),
             d.shards,
             [d.train_split, d.val_split],
@@ -103,6 +118,11 @@ def build_feature_cache(
             dtype,
             part_of(acc),
         )
+        for cached in shards:  # every rank passes here as often: they agree on a stop
+            sizes.update([cached] if cached else [])
+            stopped_by = stop.agreed(acc) if stop else None
+            if stopped_by:
+                raise Preempted(stopped_by, None, "the feature cache's complete shards are kept for the next run")
     all_sizes = {k: v for part in gather_objects(acc, sizes) for k, v in part.items()}
     if acc.is_main_process:
         feature_cache.finish_cache(out, d.shards, all_sizes, encoder, d.image_size, cfg.model.encoder.weights, dtype)

@@ -10,8 +10,10 @@ Stanford CoreNLP models downloaded at first use.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
+import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -38,14 +40,39 @@ def java_available() -> bool:
         return False
 
 
+def temp_dir() -> str:
+    """Where the PTB tokeniser's input file goes: the system's temporary directory (TMPDIR)."""
+    return tempfile.gettempdir()
+
+
 def _tokenize(captions: dict[str, list[str]], java: bool) -> dict[str, list[str]]:
     if java:
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
         # one line per caption: the wrapper replaces only "\n", Java also breaks lines at \r, \u2028, \v...,
         # which shifted every later caption onto the image before it; whitespace is all the same to PTB
-        return PTBTokenizer().tokenize({k: [{"caption": " ".join(c.split())} for c in v] for k, v in captions.items()})
+        return ptb_tokenize({k: [" ".join(c.split()) for c in v] for k, v in captions.items()})
     return {k: [" ".join(tokenize(c)) for c in v] for k, v in captions.items()}
+
+
+def ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
+    """pycocoevalcap's PTBTokenizer.tokenize, the same command and the same output, but its input file is
+    written to temp_dir(): the official wrapper writes it beside its jar, into site-packages, which a
+    read-only environment refuses."""
+    from pycocoevalcap.tokenizer import ptbtokenizer as ptb
+
+    image_ids = [k for k, v in captions.items() for _ in v]
+    sentences = "\n".join(c.replace("\n", " ") for v in captions.values() for c in v)
+    with tempfile.NamedTemporaryFile(dir=temp_dir(), prefix="imcap-ptb-", delete=False) as f:
+        f.write(sentences.encode())
+    try:
+        cmd = ["java", "-cp", ptb.STANFORD_CORENLP_3_4_1_JAR, "edu.stanford.nlp.process.PTBTokenizer"]
+        jar_dir = os.path.dirname(os.path.abspath(ptb.__file__))
+        out = subprocess.run([*cmd, "-preserveLines", "-lowerCase", f.name], cwd=jar_dir, stdout=subprocess.PIPE)
+    finally:
+        os.remove(f.name)
+    tokenized: dict[str, list[str]] = {}
+    for k, line in zip(image_ids, out.stdout.decode().split("\n")):
+        tokenized.setdefault(k, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS))
+    return tokenized
 
 
 def caption_scores(predictions: dict, references: dict, meteor: bool = True) -> dict[str, float | None]:

@@ -7,15 +7,25 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from imcap.checkpoint import STATE, CheckpointError, TrainState, complete_checkpoints, latest_checkpoint
+from imcap.checkpoint import (
+    STATE,
+    CheckpointError,
+    TrainState,
+    checkpoint_problem,
+    complete_checkpoints,
+    latest_checkpoint,
+)
 from imcap.config import Config
 from imcap.distributed import broadcast_object
 from imcap.text import Vocabulary
@@ -31,13 +41,30 @@ def find_resume(cfg: Config, accelerator) -> Path | None:
 
 
 def recover_interrupted_save(run_dir: str | Path, accelerator) -> None:
-    """Remove the partial checkpoints a run killed during a save left."""
+    """Remove the partial checkpoints a run killed during a save left, and move aside (to broken-step-N)
+    every checkpoint that looks complete but is not, so that the run resumes from the newest intact one
+    and its own save of that step finds the name free."""
     checkpoints = Path(run_dir) / "checkpoints"
     if accelerator.is_main_process:
         checkpoints.mkdir(parents=True, exist_ok=True)
         for stale in checkpoints.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
+        for checkpoint in sorted(checkpoints.glob("step-*")):
+            problem = checkpoint_problem(checkpoint)
+            if problem is not None:
+                aside = _free_name(checkpoints / f"broken-{checkpoint.name}")
+                checkpoint.rename(aside)
+                log.warning(
+                    "%s cannot be resumed from: %s. Moved to %s; resuming without it", checkpoint, problem, aside
+                )
     accelerator.wait_for_everyone()
+
+
+def _free_name(path: Path) -> Path:
+    n = 1
+    while path.exists():
+        path, n = path.with_name(f"{path.name.rsplit('.', 1)[0]}.{n}"), n + 1
+    return path
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
@@ -51,7 +78,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
             raise CheckpointError(f"resume=latest, but {run_dir / 'checkpoints'} holds no complete checkpoint")
         return found
     found = None if resume == "none" else _checkpoint_at(resume)
-    step = json.loads((found / STATE).read_text())["step"] if found else 0
+    step = _read(found / STATE, lambda p: json.loads(p.read_text())["step"]) if found else 0
     later = [p for p in complete_checkpoints(Path(run_dir) / "checkpoints") if p != found and int(p.name[5:]) > step]
     if later:
         raise CheckpointError(
@@ -59,6 +86,9 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
             f"({', '.join(p.name for p in later[-3:])}), which this run's would mix with: set another run_name "
             "(or resume=auto to continue that run)"
         )
+    problem = checkpoint_problem(found) if found else None
+    if problem:
+        raise CheckpointError(f"resume={resume}: {problem}; resume from another checkpoint")
     return found
 
 
@@ -79,7 +109,7 @@ def _checkpoint_at(resume: str) -> Path:
 
 def check_compatible(checkpoint: Path, model, vocab: Vocabulary) -> None:
     """Refuse to resume into a model of another shape or with another vocabulary, saying what differs."""
-    saved_vocab = Vocabulary.load(checkpoint / "vocab.json")
+    saved_vocab = _read(checkpoint / "vocab.json", Vocabulary.load)
     if saved_vocab != vocab:
         added = sorted(set(vocab.words) - set(saved_vocab.words))[:5]
         removed = sorted(set(saved_vocab.words) - set(vocab.words))[:5]
@@ -88,7 +118,7 @@ def check_compatible(checkpoint: Path, model, vocab: Vocabulary) -> None:
             f"new words {added}, missing words {removed}. Resume with the same shards and text.min_word_count, "
             f"or start a new run (another run_name)."
         )
-    saved = load_file(checkpoint / "model.safetensors")
+    saved = _read(checkpoint / "model.safetensors", load_file)
     current = model.state_dict()
     different = [
         f"{k}: checkpoint {tuple(saved[k].shape)}, config {tuple(v.shape)}"
@@ -104,16 +134,28 @@ def check_compatible(checkpoint: Path, model, vocab: Vocabulary) -> None:
         )
 
 
+@dataclass(frozen=True)
+class EpochReader:
+    """What decides the order and the length of a run's epochs, for resuming into the middle of one."""
+
+    world_size: int
+    data_workers: int | None  # per process
+    batch_size: int
+    epoch_batches: int  # per process
+
+
 def load_checkpoint(
-    checkpoint: Path, model, optimizer, scheduler, accelerator, data_workers: int | None = None
+    checkpoint: Path, model, optimizer, scheduler, accelerator, reader: EpochReader | None = None
 ) -> TrainState:
-    """Restore model, optimizer, scheduler, this rank's RNG state and the data position, for a run
-    with `data_workers` data workers per process.
+    """Restore model, optimizer, scheduler, this rank's RNG state and the data position, for a run that
+    reads its epochs as `reader` says (None: as the checkpoint's run did).
 
     Every file is read (safely) before anything is restored, so a bad checkpoint changes nothing."""
     saved = safe_torch_load(checkpoint / "optimizer.pt")
-    weights = load_file(checkpoint / "model.safetensors")
-    meta = json.loads((checkpoint / STATE).read_text())
+    weights = _read(checkpoint / "model.safetensors", load_file)
+    meta = _read(checkpoint / STATE, lambda p: json.loads(p.read_text()))
+    if "batch_size" not in meta:  # saved before state.json recorded it: its config says
+        meta["batch_size"] = _read(checkpoint / "config.yaml", _batch_size_in_config)
     rng_file = checkpoint / f"rng-rank{accelerator.process_index}.pt"
     same_world = meta["world_size"] == accelerator.num_processes and rng_file.exists()
     rng = safe_torch_load(rng_file) if same_world else None
@@ -122,39 +164,86 @@ def load_checkpoint(
     scheduler.load_state_dict(saved["scheduler"])
     if rng is not None:  # with another world size the data order changes anyway; keep the fresh seeds
         _set_rng_state(rng)
-    if meta["batches_in_epoch"] and _order_differs(meta, accelerator.num_processes, data_workers):
+    epoch, batches = resume_position(meta, reader, checkpoint) if reader else (meta["epoch"], meta["batches_in_epoch"])
+    return TrainState(meta["step"], epoch, batches, reader.data_workers if reader else meta.get("data_workers"))
+
+
+def resume_position(meta: dict, reader: EpochReader, checkpoint: Path) -> tuple[int, int]:
+    """(epoch, batches of it already trained on per process) for a run reading as `reader` says, resuming
+    the checkpoint of `meta`. Read as it was saved, the epoch continues exactly. Read otherwise, it comes
+    in another order: as many of its samples are skipped as were trained, to whole batches on every
+    process (rounded down: a few trained twice rather than any left out), and a warning says exactly how
+    many samples the epoch is trained on."""
+    epoch, done = meta["epoch"], meta["batches_in_epoch"]
+    if not done or not _order_differs(meta, reader):
+        return epoch, done
+    trained = done * meta["world_size"] * meta["batch_size"]
+    per_batch = reader.world_size * reader.batch_size  # samples of one batch on every process
+    skip = trained // per_batch
+    full = reader.epoch_batches * per_batch  # the epoch's samples for this run
+    saved_by = (
+        f"{checkpoint} was saved {done} batches into epoch {epoch} by {meta['world_size']} process(es) with "
+        f"{meta.get('data_workers')} data workers each, in batches of {meta['batch_size']}: {trained} of the epoch's "
+        f"samples were trained. This run has {reader.world_size} with {reader.data_workers}, in batches of "
+        f"{reader.batch_size}, and reads the epoch in another order"
+    )
+    if skip >= reader.epoch_batches:
         log.warning(
-            "%s was saved %d batches into epoch %d by %d process(es) with %s data workers each; this run "
-            "has %d with %s: the rest of that epoch comes in another order, so some of its samples are "
-            "trained on twice and others not at all. Resume with the same numbers to continue exactly.",
-            checkpoint,
-            meta["batches_in_epoch"],
-            meta["epoch"],
-            meta["world_size"],
-            meta.get("data_workers"),
-            accelerator.num_processes,
-            data_workers,
+            "%s, in which an epoch has %d samples: it counts epoch %d as done and begins epoch %d.",
+            saved_by,
+            full,
+            epoch,
+            epoch + 1,
         )
-    return TrainState(meta["step"], meta["epoch"], meta["batches_in_epoch"], data_workers)
+        return epoch + 1, 0
+    rest = (reader.epoch_batches - skip) * per_batch
+    log.warning(
+        "%s: it skips the first %d batches of each process (%d samples) and trains the other %d (%d samples), "
+        "so the epoch is trained on %d samples where an uninterrupted one has %d; which of them are trained "
+        "twice and which not at all depends on the two orders. Resume with the same numbers to continue exactly.",
+        saved_by,
+        skip,
+        skip * per_batch,
+        reader.epoch_batches - skip,
+        rest,
+        trained + rest,
+        full,
+    )
+    return epoch, skip
 
 
-def _order_differs(meta: dict, world_size: int, data_workers: int | None) -> bool:
+def _batch_size_in_config(path: Path) -> int:
+    return yaml.safe_load(path.read_text())["data"]["batch_size"]
+
+
+def _order_differs(meta: dict, reader: EpochReader) -> bool:
     """Whether this run reads an epoch in another order than the run that saved `meta`: another world
-    size, or another number of data streams per process (its workers; without workers, the process)."""
-    if meta["world_size"] != world_size:
+    size or batch size, or another number of data streams per process (its workers; without workers,
+    the process)."""
+    if meta["world_size"] != reader.world_size or meta["batch_size"] != reader.batch_size:
         return True
     saved = meta.get("data_workers")  # absent from checkpoints of earlier versions: unknown
-    return saved is not None and max(1, saved) != max(1, data_workers or 0)
+    return saved is not None and max(1, saved) != max(1, reader.data_workers or 0)
 
 
 def safe_torch_load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path} was not loaded: it holds something other than tensors and plain "
             f"values, which imcap never unpickles ({type(e).__name__}: {e})"
         ) from None
+    except Exception as e:
+        raise CheckpointError(f"{path} cannot be read, cut short or damaged ({type(e).__name__}: {e})") from None
+
+
+def _read(path: Path, read):
+    """read(path), any failure a CheckpointError naming the file."""
+    try:
+        return read(path)
+    except Exception as e:
+        raise CheckpointError(f"{path} cannot be read, cut short or damaged ({type(e).__name__}: {e})") from None
 
 
 def _set_rng_state(state: dict) -> None:

@@ -29,7 +29,8 @@ from imcap.encoder_setup import prepare_encoder
 from imcap.evaluation import Evaluation, Evaluator
 from imcap.metrics_log import MetricsLog
 from imcap.model import Captioner, caption_loss
-from imcap.resume import check_compatible, find_resume, load_checkpoint
+from imcap.resume import EpochReader, check_compatible, find_resume, load_checkpoint
+from imcap.run_dir import claim_run_dir
 from imcap.runtime import prepare_run_dir, start_process
 
 
@@ -37,7 +38,8 @@ def train(cfg: Config) -> dict:
     """Train as configured -> the last evaluation's scores. Stopped by a signal: saves, raises Preempted."""
     # processes, the run directory, the data
     acc = start_process(cfg)
-    resume_from = find_resume(cfg, acc)  # before any long work
+    claim_run_dir(cfg, acc)  # locked for this run, every place it writes checked: before any long work
+    resume_from = find_resume(cfg, acc)
     stop = StopFlag(cfg.train.preemption_signal)
     prepare_run_dir(cfg, acc)
     data = prepare_data(cfg, acc)
@@ -46,18 +48,17 @@ def train(cfg: Config) -> dict:
     # the model and optimizer: restored, or with the encoder's statistics estimated; then the feature cache
     model = Captioner(cfg.model, len(data.vocab), data.vocab.pad)
     optimizer, scheduler = make_optimizer(model, cfg, plan.total_steps)
-    state = restore(resume_from, model, optimizer, scheduler, data, acc)
-    data = prepare_encoder(model, data, cfg, acc, fresh=resume_from is None)
+    state = restore(resume_from, model, optimizer, scheduler, data, acc, plan)
+    data = prepare_encoder(model, data, cfg, acc, fresh=resume_from is None, stop=stop)
     model, optimizer = prepare_model(model, optimizer, cfg, acc)
     evaluator = make_evaluator(data, cfg, acc)
     checkpointer = Checkpointer(cfg, acc, model, optimizer, scheduler, data.vocab)
 
     # the loop: one optimizer step at a time through every epoch, on one loader
     acc.print(plan.describe(data, acc))
-    metrics = MetricsLog(cfg, acc, plan.total_steps, state.step)
     loader = data.train_loader(part_of(acc), state.epoch, state.batches_in_epoch, plan.epoch_batches)
     evaluation = None  # the last one
-    with DeviceBatches(loader, acc.device) as batches, metrics:  # metrics: its progress bar ends with the loop
+    with DeviceBatches(loader, acc.device) as batches, MetricsLog(cfg, acc, plan.total_steps, state.step) as metrics:
         while state.epoch < cfg.train.epochs:
             # step
             micro_batches = list(itertools.islice(batches, plan.micro_batches(state)))
@@ -155,13 +156,17 @@ def make_scheduler(optimizer, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def restore(checkpoint, model, optimizer, scheduler, data: TrainingData, acc: Accelerator) -> TrainState:
-    """The state a checkpoint saved, with model, optimizer, scheduler and RNG restored; without one, a fresh start."""
+def restore(
+    checkpoint, model, optimizer, scheduler, data: TrainingData, acc: Accelerator, plan: EpochPlan
+) -> TrainState:
+    """The state a checkpoint saved, with model, optimizer, scheduler and RNG restored, at its place in the
+    epoch as this run reads it; without one, a fresh start."""
     workers = data.train_workers(acc.num_processes)
     if checkpoint is None:
         return TrainState(data_workers=workers)
     check_compatible(checkpoint, model, data.vocab)
-    state = load_checkpoint(checkpoint, model, optimizer, scheduler, acc, workers)
+    reader = EpochReader(acc.num_processes, workers, data.cfg.data.batch_size, plan.epoch_batches)
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler, acc, reader)
     acc.print(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
     return state
 

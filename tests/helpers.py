@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from imcap.config import DataConfig
@@ -71,6 +77,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def read_only(directory: Path):
+    """`directory` unwritable while the block runs, for root too: chmod does not stop root, an immutable
+    directory (chattr +i) does. Skips the test where neither works (a filesystem without attributes)."""
+    if os.geteuid() == 0:
+        made = subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode == 0
+    else:
+        os.chmod(directory, 0o555)
+        made = True
+    try:
+        probe = Path(directory) / "probe"
+        try:
+            probe.touch()
+            probe.unlink()
+            writable = True
+        except OSError:
+            writable = False
+        if not made or writable:
+            pytest.skip(f"{directory} could not be made read-only here")
+        yield directory
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(directory)], capture_output=True)
+        else:
+            os.chmod(directory, 0o755)
+
+
 def image_bytes(image: Image.Image, fmt: str) -> bytes:
     out = io.BytesIO()
     image.save(out, format=fmt)
@@ -125,3 +158,99 @@ def make_eval_loader(
 ):
     stream = EvalStream(shards, collate, Part(rank, world_size), batch_size, image_size, max_images)
     return eval_loader(stream, num_workers)
+
+
+# ------------------------------------------------------------------ training processes, stopped at named points
+
+TRAIN = [sys.executable, "launch/train.py", "--config", "configs/demo.yaml"]
+
+
+STOP = """import os, signal
+
+def stop():
+    os.kill(os.getpid(), signal.SIGSTOP)  # frozen here until the test's kill -9
+"""
+RUN_TRAIN = """
+import runpy, sys
+sys.argv[0] = "launch/train.py"
+runpy.run_path("launch/train.py", run_name="__main__")
+"""
+
+
+def stopping_at(fault: str) -> list[str]:
+    """TRAIN, with `fault` (Python) run first in the training process: it patches a function of imcap so that
+    the process stops itself (SIGSTOP) at a named point, where the test kills it with kill_9. The kill lands
+    at that point in every run, not wherever a timer happened to meet the run."""
+    return [sys.executable, "-c", STOP + fault + RUN_TRAIN, *TRAIN[2:]]
+
+
+def stopped(proc: subprocess.Popen) -> bool:
+    """Whether proc is stopped, as `stop()` of stopping_at leaves it (state T in /proc/PID/stat)."""
+    stat = Path(f"/proc/{proc.pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
+def start_ranks(
+    overrides: list[str], world: int = 2, log: Path | None = None, command: list[str] = TRAIN
+) -> list[subprocess.Popen]:
+    """`world` plain python processes forming one gloo group, as torchrun would start them."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        env = {
+            **run_env(),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(world),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+        }
+        out = open(f"{log}.rank{rank}", "a") if log else subprocess.DEVNULL
+        procs.append(
+            subprocess.Popen(
+                [*command, *overrides], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
+    return procs
+
+
+def wait_all(procs, timeout=300) -> list[int]:
+    return [p.wait(timeout=timeout) for p in procs]
+
+
+def logged(run: Path, key: str = "train_loss") -> list[dict]:
+    """The run's metrics.jsonl records that hold `key`: training steps, or evaluations with val_loss."""
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if f'"{key}"' in line]
+
+
+def wait_for(condition, procs, timeout=300, poll=0.05):
+    deadline = time.time() + timeout
+    while not condition():
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError("training ended before the test could interrupt it")
+        if time.time() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(poll)
+
+
+def kill_9(procs):
+    for p in procs:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+# stops the training process before its step done + 1 (stopping_at(BEFORE_STEP.format(done=...)))
+BEFORE_STEP = """
+import imcap.train
+step, steps_done = imcap.train.train_step, [0]
+
+def train_step(*args, **kwargs):
+    if steps_done[0] == {done}:
+        stop()
+    steps_done[0] += 1
+    return step(*args, **kwargs)
+
+imcap.train.train_step = train_step
+"""

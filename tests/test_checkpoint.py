@@ -3,9 +3,10 @@
 import json
 import os
 import pickle
+import re
+import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,92 +14,33 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import ROOT, free_port, run_env, tiny_overrides
+from helpers import (
+    BEFORE_STEP,
+    ROOT,
+    kill_9,
+    logged,
+    run_env,
+    start_ranks,
+    stopped,
+    stopping_at,
+    tiny_overrides,
+    wait_all,
+    wait_for,
+)
 from safetensors.torch import load_file
 
 from imcap.checkpoint import CheckpointError, latest_checkpoint, read_best
 from imcap.config import ConfigError, load_config
 from imcap.distributed import EXIT_PREEMPTED, Preempted
-from imcap.resume import load_checkpoint, recover_interrupted_save, resolve_resume, safe_torch_load
+from imcap.resume import (
+    EpochReader,
+    load_checkpoint,
+    recover_interrupted_save,
+    resolve_resume,
+    resume_position,
+    safe_torch_load,
+)
 from imcap.train import train
-
-TRAIN = [sys.executable, "launch/train.py", "--config", "configs/demo.yaml"]
-
-
-STOP = """import os, signal
-
-def stop():
-    os.kill(os.getpid(), signal.SIGSTOP)  # frozen here until the test's kill -9
-"""
-RUN_TRAIN = """
-import runpy, sys
-sys.argv[0] = "launch/train.py"
-runpy.run_path("launch/train.py", run_name="__main__")
-"""
-
-
-def stopping_at(fault: str) -> list[str]:
-    """TRAIN, with `fault` (Python) run first in the training process: it patches a function of imcap so that
-    the process stops itself (SIGSTOP) at a named point, where the test kills it with kill_9. The kill lands
-    at that point in every run, not wherever a timer happened to meet the run."""
-    return [sys.executable, "-c", STOP + fault + RUN_TRAIN, *TRAIN[2:]]
-
-
-def stopped(proc: subprocess.Popen) -> bool:
-    """Whether proc is stopped, as `stop()` of stopping_at leaves it (state T in /proc/PID/stat)."""
-    stat = Path(f"/proc/{proc.pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2] == "T"
-
-
-def start_ranks(
-    overrides: list[str], world: int = 2, log: Path | None = None, command: list[str] = TRAIN
-) -> list[subprocess.Popen]:
-    """`world` plain python processes forming one gloo group, as torchrun would start them."""
-    port, procs = free_port(), []
-    for rank in range(world):
-        env = {
-            **run_env(),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "WORLD_SIZE": str(world),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world),
-        }
-        out = open(f"{log}.rank{rank}", "a") if log else subprocess.DEVNULL
-        procs.append(
-            subprocess.Popen(
-                [*command, *overrides], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        )
-    return procs
-
-
-def wait_all(procs, timeout=300) -> list[int]:
-    return [p.wait(timeout=timeout) for p in procs]
-
-
-def logged(run: Path, key: str = "train_loss") -> list[dict]:
-    """The run's metrics.jsonl records that hold `key`: training steps, or evaluations with val_loss."""
-    path = run / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines if f'"{key}"' in line]
-
-
-def wait_for(condition, procs, timeout=300, poll=0.05):
-    deadline = time.time() + timeout
-    while not condition():
-        if any(p.poll() is not None for p in procs):
-            raise AssertionError("training ended before the test could interrupt it")
-        if time.time() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(poll)
-
-
-def kill_9(procs):
-    for p in procs:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
 
 
 def exact_overrides(shards, runs, *extra):
@@ -118,19 +60,7 @@ def exact_overrides(shards, runs, *extra):
 
 
 # Where a run of exact_overrides is killed, and the checkpoint it then resumes from: (step, epoch, batches_in_epoch).
-# Each stops both ranks at the same point of their run: before a step, or after a save returned.
-BEFORE_STEP = """
-import imcap.train
-step, steps_done = imcap.train.train_step, [0]
-
-def train_step(*args, **kwargs):
-    if steps_done[0] == {done}:
-        stop()
-    steps_done[0] += 1
-    return step(*args, **kwargs)
-
-imcap.train.train_step = train_step
-"""
+# Each stops both ranks at the same point of their run: before a step (BEFORE_STEP), or after a save returned.
 AFTER_SAVE = """
 import imcap.checkpoint
 save = imcap.checkpoint.Checkpointer.save
@@ -313,11 +243,55 @@ def test_resuming_with_more_accumulation_ends_each_epoch_where_it_ends_with_a_sh
             [*first, "run_name=more-accum", f"resume={saved}", "train.grad_accum_steps=2", "data.num_workers=2"],
         )
     )
-    assert "by 1 process(es) with 0 data workers each; this run has 1 with 2" in caplog.text
+    assert (
+        "by 1 process(es) with 0 data workers each, in batches of 8: 24 of the epoch's samples were trained. This run "
+        "has 1 with 2, in batches of 8, and reads the epoch in another order: it skips the first 3 batches of each "
+        "process (24 samples) and trains the other 9 (72 samples), so the epoch is trained on 96 samples where an "
+        "uninterrupted one has 96"
+    ) in caplog.text
     state = json.loads((latest_checkpoint(tmp_path / "more-accum") / "state.json").read_text())
     assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (3 + 5 + 6, 2, 0)
     evaluated = logged(tmp_path / "more-accum", "val_loss")
     assert [(r["step"], r["epoch"]) for r in evaluated] == [(8, 1), (14, 2)]
+
+
+def test_resumed_mid_epoch_on_more_processes_the_epoch_is_finished_saying_how_many_samples_it_trains(
+    demo_shards, tmp_path
+):
+    """Saved 5 batches of 8 into an epoch of 96 samples by 1 process: 40 trained. Resumed on 2 processes,
+    whose epoch is 6 batches each: 2 of them (32 samples) are skipped, the other 4 trained (64 samples), so
+    the epoch is trained on 104 samples. Skipping the saved 5 batches instead left one step of that epoch."""
+    first = tiny_overrides(demo_shards, tmp_path, "checkpoint.every_steps=5", "checkpoint.keep_last=10")
+    train(load_config(ROOT / "configs" / "demo.yaml", first))
+    saved = tmp_path / "tiny" / "checkpoints" / "step-000005"
+    more = [*first, "run_name=two", f"resume={saved}", "train.cpu=true", "train.log_every=1"]
+    assert wait_all(start_ranks(more, log=tmp_path / "log")) == [0, 0]
+    assert [(r["step"], r["epoch"]) for r in logged(tmp_path / "two")] == [(6, 0), (7, 0), (8, 0), (9, 1)]
+    log_text = (tmp_path / "log.rank0").read_text()
+    assert (
+        f"{saved} was saved 5 batches into epoch 0 by 1 process(es) with 0 data workers each, in batches of 8: 40 "
+        "of the epoch's samples were trained. This run has 2 with 0, in batches of 8, and reads the epoch in "
+        "another order: it skips the first 2 batches of each process (32 samples) and trains the other 4 (64 "
+        "samples), so the epoch is trained on 104 samples where an uninterrupted one has 96"
+    ) in log_text
+    assert f"resumed from {saved} at step 5 (epoch 0, batch 2)" in log_text
+
+
+def test_the_place_in_an_epoch_read_another_way_is_where_as_many_samples_were_trained(caplog):
+    """Saved 3 batches of 8 into the epoch on each of 2 processes: 48 samples trained."""
+    saved = {"step": 5, "epoch": 0, "batches_in_epoch": 3, "world_size": 2, "data_workers": 2, "batch_size": 8}
+    assert resume_position(saved, EpochReader(2, 2, 8, 6), Path("c")) == (0, 3) and not caplog.text  # as saved
+    assert resume_position(saved, EpochReader(1, 0, 8, 12), Path("c")) == (0, 6)  # 6 x 8
+    assert "trained on 96 samples where an uninterrupted one has 96" in caplog.text
+    assert resume_position(saved, EpochReader(1, 0, 16, 6), Path("c")) == (0, 3)  # 3 x 16
+    assert resume_position(saved, EpochReader(4, 0, 8, 3), Path("c")) == (0, 1)  # 1 x 4 x 8: 16 more twice
+    assert "skips the first 1 batches of each process (32 samples) and trains the other 2 (64 samples), so the " in (
+        caplog.text
+    )
+    assert "epoch is trained on 112 samples where an uninterrupted one has 96" in caplog.text
+    # this run's epoch (1 batch on each of 4 processes) holds fewer samples than were trained of it: done
+    assert resume_position(saved, EpochReader(4, 0, 8, 1), Path("c")) == (1, 0)
+    assert "in which an epoch has 32 samples: it counts epoch 0 as done and begins epoch 1" in caplog.text
 
 
 @pytest.fixture(scope="module")
@@ -332,13 +306,67 @@ def trained_run(demo_shards, tmp_path_factory):
     return runs, demo_shards
 
 
-def test_the_partial_checkpoint_of_a_run_killed_during_a_save_is_removed_and_the_complete_ones_kept(tmp_path):
+def test_the_partial_checkpoint_of_a_run_killed_during_a_save_is_removed_and_the_complete_ones_kept(
+    tmp_path, trained_run
+):
+    runs, _ = trained_run
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / ".tmp-step-000005").mkdir(parents=True)  # killed before its rename
-    (checkpoints / "step-000004").mkdir()
-    (checkpoints / "step-000004" / "state.json").write_text("{}")
+    shutil.copytree(latest_checkpoint(runs / "tiny"), checkpoints / "step-000004")
     recover_interrupted_save(tmp_path, Accelerator(cpu=True))
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000004"]
+
+
+# A checkpoint that looks complete (state.json in place) but is not, and what the warning says of it.
+DAMAGE = {
+    "weights-cut-short": (
+        "model.safetensors",
+        lambda b: b[: len(b) // 2],
+        r"model\.safetensors is \d+ bytes, \d+ when",
+    ),
+    "state-json-garbled": ("state.json", lambda b: b[:20], r"state\.json is not readable JSON"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_bitwise_from_the_one_before(
+    demo_shards, tmp_path, uninterrupted, damage
+):
+    name, cut, says = DAMAGE[damage]
+    run = tmp_path / "runs" / "reference"
+    shutil.copytree(uninterrupted, run)  # saved at steps 8, 10 and 12 (keep_last 3)
+    newest = run / "checkpoints" / "step-000012"
+    (newest / name).write_bytes(cut((newest / name).read_bytes()))
+    logged_before = len(logged(run))
+    resumed = wait_all(
+        start_ranks(exact_overrides(demo_shards, tmp_path / "runs", "run_name=reference"), log=tmp_path / "log")
+    )
+    log_text = (tmp_path / "log.rank0").read_text()
+    assert resumed == [0, 0], log_text[-3000:]
+    assert re.search(f"{re.escape(str(newest))} cannot be resumed from: {re.escape(str(newest))}/{says}", log_text)
+    assert f"resumed from {run / 'checkpoints' / 'step-000010'} at step 10 " in log_text
+    assert (run / "checkpoints" / "broken-step-000012" / name).exists()  # kept for a look, out of the way
+
+    final_ref = load_file(uninterrupted / "checkpoints" / "step-000012" / "model.safetensors")
+    final = load_file(newest / "model.safetensors")  # saved again by the resumed run
+    assert final.keys() == final_ref.keys() and all(torch.equal(final[k], final_ref[k]) for k in final)
+    expected = {r["step"]: r for r in logged(uninterrupted)}
+    assert [(r["step"], r["train_loss"]) for r in logged(run)[logged_before:]] == [
+        (step, expected[step]["train_loss"]) for step in (11, 12)
+    ]
+
+
+def test_resuming_from_a_named_checkpoint_that_is_cut_short_is_refused_naming_the_file(trained_run, tmp_path):
+    runs, _ = trained_run
+    named = tmp_path / "step-000012"
+    shutil.copytree(latest_checkpoint(runs / "tiny"), named)
+    weights = named / "model.safetensors"
+    saved_size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(
+        CheckpointError, match=f"^resume={re.escape(str(named))}: {re.escape(str(weights))} is 100 bytes, {saved_size} "
+    ):
+        resolve_resume(str(named), tmp_path)
 
 
 def test_the_end_of_training_is_evaluated_and_best_is_scored_on_its_own_weights(trained_run):

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -9,9 +11,9 @@ from pathlib import Path
 
 import evaluate
 import pytest
-from helpers import ROOT, run_env
+from helpers import ROOT, read_only, run_env
 
-from imcap.metrics import METRIC_MODULE, caption_scores, java_available
+from imcap.metrics import METRIC_MODULE, caption_scores, java_available, ptb_tokenize
 
 NAMES = {
     "Bleu_1": "bleu1",
@@ -156,3 +158,39 @@ def test_a_line_break_inside_a_reference_leaves_every_image_its_own_references()
     for brk in ("\r", "\u2028", "\x0b"):  # line breaks to Java's PTB tokeniser, which pycocoevalcap splits on "\n" only
         broken = {1: [f"a man rides a bike{brk}down the road"], 2: ["two cats sleep on a sofa"]}
         assert caption_scores(predictions, broken, meteor=False) == spaced, repr(brk)
+
+
+TRICKY = {
+    "a": ["A man's dog, running -- fast!", "Two (small) cats: on a sofa; sleeping...", "It's 5 o'clock"],
+    "b": ['"Quoted" words `here\' and {braces}', "e-mail me at a.b@c.org?", "Ünïcödé café — naïve"],
+}
+
+
+def test_the_ptb_tokeniser_gives_the_official_wrappers_tokens():
+    if not java_available():
+        pytest.skip("the PTB tokeniser needs Java")
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    official = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in TRICKY.items()})
+    assert ptb_tokenize(TRICKY) == official
+
+
+def test_scores_are_computed_when_pycocoevalcaps_own_directory_is_read_only(tmp_path):
+    """The official wrapper writes its input file beside its jar; in a read-only site-packages that fails."""
+    if not java_available():
+        pytest.skip("the PTB tokeniser needs Java")
+    import pycocoevalcap
+
+    packages = tmp_path / "site-packages"
+    shutil.copytree(Path(pycocoevalcap.__path__[0]), packages / "pycocoevalcap")
+    script = (
+        "import json, pycocoevalcap; from imcap.metrics import caption_scores; "
+        "print(json.dumps([pycocoevalcap.__path__[0], caption_scores({'a': 'a dog runs'}, "
+        "{'a': ['a dog runs', 'a dog is running']}, meteor=False)]))"
+    )
+    env = {**run_env(), "PYTHONPATH": os.pathsep.join([str(packages), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    with read_only(packages / "pycocoevalcap" / "tokenizer"):
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    used, scores = json.loads(result.stdout.splitlines()[-1])
+    assert used == str(packages / "pycocoevalcap") and scores["bleu1"] == pytest.approx(1.0, abs=1e-6)

@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"imcap: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:  # a second Ctrl-C: the first one's save did not finish, `latest` is the one before
+        print("imcap: interrupted by a second Ctrl-C; the last complete checkpoint is kept", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
 
 
 if __name__ == "__main__":

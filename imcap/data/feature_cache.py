@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -85,7 +86,6 @@ def check_cache(cache_dir: str | Path, encoder: EncoderCNN, image_size: int, wei
         )
 
 
-@torch.no_grad()
 def build_cache_shards(
     encoder: EncoderCNN,
     source: str,
@@ -96,8 +96,23 @@ def build_cache_shards(
     dtype: str = "bf16",
     part: Part = Part(),
 ) -> dict[str, int]:
-    """Write this process's share of the cache shards (every world_size-th), on the encoder's device;
-    returns their sizes.
+    """Write this process's share of the cache shards (cache_shards); returns their sizes."""
+    return dict(c for c in cache_shards(encoder, source, splits, out_dir, image_size, batch_size, dtype, part) if c)
+
+
+def cache_shards(
+    encoder: EncoderCNN,
+    source: str,
+    splits: list[str],
+    out_dir: str | Path,
+    image_size: int,
+    batch_size: int,
+    dtype: str = "bf16",
+    part: Part = Part(),
+) -> Iterator[tuple[str, int] | None]:
+    """Write this process's share of the cache shards (every world_size-th), on the encoder's device, one
+    at a time: yields (name, samples) of each, or None in a round of world_size shards that has none for
+    this process, so that every process yields as often (a caller may agree on something between shards).
 
     Shards already complete in out_dir are kept (and counted), so an interrupted build continues where it
     stopped; none are kept from a finished cache of other shards than those now at source.
@@ -107,25 +122,35 @@ def build_cache_shards(
     encoder.eval()
     # the same on every rank: finish_cache writes cache.json once every rank has built its share
     stale = _made_from_other_shards(read_cache_meta(out_dir), source)
-    sizes = {}
     shards = [s for split in splits for s in list_shards(source, split)]
-    for shard in shards[part.rank :: part.world_size]:
-        target = out_dir / Path(shard).name
-        if target.exists() and not stale:  # written by an interrupted build
-            sizes[target.name] = _cached_samples(target)
-            continue
-        with TarShard(target) as tar:
-            skipped = _cache_shard(tar, shard, encoder, image_size, batch_size, DTYPES[dtype])
-        if skipped:
-            log.warning(
-                "%s: %d of its samples could not be cached (the first: %s, %s); the cache keeps a marker for "
-                "each, which training skips and counts as it would the sample",
-                shard,
-                len(skipped),
-                *skipped[0],
-            )
-        sizes[target.name] = tar.count
-    return sizes
+    for first in range(0, len(shards), part.world_size):
+        mine = first + part.rank
+        yield (
+            cache_shard(encoder, shards[mine], out_dir, image_size, batch_size, dtype, stale)
+            if mine < len(shards)
+            else None
+        )
+
+
+@torch.no_grad()
+def cache_shard(
+    encoder: EncoderCNN, shard: str, out_dir: Path, image_size: int, batch_size: int, dtype: str, stale: bool
+) -> tuple[str, int]:
+    """The cache shard of one source shard, written unless an interrupted build left it -> (name, samples)."""
+    target = out_dir / Path(shard).name
+    if target.exists() and not stale:  # written by an interrupted build
+        return target.name, _cached_samples(target)
+    with TarShard(target) as tar:
+        skipped = _cache_shard(tar, shard, encoder, image_size, batch_size, DTYPES[dtype])
+    if skipped:
+        log.warning(
+            "%s: %d of its samples could not be cached (the first: %s, %s); the cache keeps a marker for "
+            "each, which training skips and counts as it would the sample",
+            shard,
+            len(skipped),
+            *skipped[0],
+        )
+    return target.name, tar.count
 
 
 def _cache_shard(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -242,7 +243,14 @@ def _loader(stream: IterableDataset, num_workers: int) -> DataLoader:
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if num_workers else None,
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=_leave_ctrl_c_to_the_main_process,
     )
+
+
+def _leave_ctrl_c_to_the_main_process(_worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal's group: the main process stops the run (saving first),
+    and its workers end with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _worker() -> tuple[int, int]:
