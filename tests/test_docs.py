@@ -369,3 +369,12 @@ def test_the_readme_holds_the_set_up_commands_that_ci_runs():
     assert "python3 -m venv .venv" in ci
     (install,) = [line for line in ci if "pip install" in line]
     assert install.replace(" --quiet", "") in README_INSTALL, f".ci/run installs otherwise than the README: {install}"
+
+
+def test_every_test_the_faults_table_names_exists():
+    """docs/faults.md says which test shows each behaviour: a renamed or removed test fails here."""
+    named = set(re.findall(r"`(test_\w+)`", (ROOT / "docs" / "faults.md").read_text()))
+    defined = {
+        m for path in (ROOT / "tests").glob("test_*.py") for m in re.findall(r"^def (test_\w+)", path.read_text(), re.M)
+    }
+    assert named and not named - defined, sorted(named - defined)
