@@ -96,46 +96,43 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_75_as_sigterm_does(demo_shards, tmp
     assert f"stopped by SIGINT at step {step}; checkpoint saved" in (tmp_path / "log").read_text()
 
 
-PAUSE_BEFORE_SAVING_TO_STOP = """
+SECOND_CTRL_C_BEFORE_THE_SAVE = """
 import imcap.checkpoint
 maybe_save = imcap.checkpoint.Checkpointer.maybe_save
 
-def pausing(self, state, evaluation, stopping=False):
-    if stopping:
-        stop()
+def interrupted(self, state, evaluation, stopping=False):
+    if stopping:  # the first Ctrl-C agreed on: the second comes before its save, raised in this thread
+        signal.raise_signal(signal.SIGINT)
     return maybe_save(self, state, evaluation, stopping)
 
-imcap.checkpoint.Checkpointer.maybe_save = pausing
+imcap.checkpoint.Checkpointer.maybe_save = interrupted
 """
 
 
 def test_a_second_ctrl_c_while_the_first_is_being_saved_for_exits_at_once(demo_shards, tmp_path):
     run = tmp_path / "tiny"
     with open(tmp_path / "log", "w") as log:
-        proc = start(stopping_at(PAUSE_BEFORE_SAVING_TO_STOP), tiny_overrides(demo_shards, tmp_path), log)
+        proc = start(stopping_at(SECOND_CTRL_C_BEFORE_THE_SAVE), tiny_overrides(demo_shards, tmp_path), log)
         wait_for(lambda: (run / "metrics.jsonl").exists(), [proc])  # training
         os.killpg(proc.pid, signal.SIGINT)
-        wait_for(lambda: stopped(proc), [proc])  # about to save, as the first Ctrl-C asked
-        os.killpg(proc.pid, signal.SIGINT)
-        os.killpg(proc.pid, signal.SIGCONT)
         assert proc.wait(timeout=60) == 130  # 128 + SIGINT
     text = (tmp_path / "log").read_text()
     assert "imcap: interrupted by a second Ctrl-C" in text and "Traceback" not in text
     assert latest_checkpoint(run) is None
 
 
-PAUSE_AFTER_THE_FIRST_CACHE_SHARD = """
+SIGTERM_AFTER_THE_FIRST_CACHE_SHARD = """
 import imcap.data.feature_cache
 cache_shard, written = imcap.data.feature_cache.cache_shard, []
 
-def pausing(*args, **kwargs):
+def terminated(*args, **kwargs):
     cached = cache_shard(*args, **kwargs)
     written.append(cached)
-    if len(written) == 1:
-        stop()
+    if len(written) == 1:  # raised in this thread: handled before the next shard, where a kill from outside may not be
+        signal.raise_signal(signal.SIGTERM)
     return cached
 
-imcap.data.feature_cache.cache_shard = pausing
+imcap.data.feature_cache.cache_shard = terminated
 """
 
 
@@ -150,10 +147,7 @@ def test_sigterm_during_the_feature_cache_build_stops_it_after_the_shard_and_exi
     run = tmp_path / "tiny"
     overrides = tiny_overrides(shards, tmp_path, "data.feature_cache=true")
     with open(tmp_path / "log", "w") as log:
-        proc = start(stopping_at(PAUSE_AFTER_THE_FIRST_CACHE_SHARD), overrides, log)
-        wait_for(lambda: stopped(proc), [proc])  # the first cache shard written, 10 to go
-        os.kill(proc.pid, signal.SIGTERM)
-        os.kill(proc.pid, signal.SIGCONT)
+        proc = start(stopping_at(SIGTERM_AFTER_THE_FIRST_CACHE_SHARD), overrides, log)  # 10 shards to go
         assert proc.wait(timeout=300) == EXIT_PREEMPTED, (tmp_path / "log").read_text()[-3000:]
     assert (
         "stopped by SIGTERM before training; the feature cache's complete shards are kept"
