@@ -9,7 +9,7 @@ from helpers import ROOT, TRAIN_LOADER, demo_collate, make_train_loader, tiny_ov
 
 from imcap.cli import main as imcap
 from imcap.config import ConfigError, load_config
-from imcap.data.feature_cache import build_cache_shards, cache_is_complete, finish_cache
+from imcap.data.feature_cache import cache_is_complete, cache_shards, finish_cache
 from imcap.data.shards import DataError, ShardWriter, iter_tar_members, list_shards, read_shard, read_sizes
 from imcap.model.encoder import EncoderCNN
 from imcap.train import train
@@ -21,6 +21,11 @@ FROZEN = [
     "train.mixed_precision=no",
 ]
 TRAIN_LOADER_8 = {**TRAIN_LOADER, "batch_size": 8, "train_crop": "center"}
+
+
+def cached_sizes(*args) -> dict[str, int]:
+    """Every shard cache_shards writes, as {name: samples}."""
+    return dict(cached for cached in cache_shards(*args) if cached)
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +107,9 @@ def test_training_finds_the_cache_features_build_made_with_the_same_batchnorm_st
 
 
 def cache_val_split(source, out) -> dict:
-    """build_cache_shards on the val split (3 shards, 32 images), with the encoder `weights: none` gives."""
+    """cache_shards on the val split (3 shards, 32 images), with the encoder `weights: none` gives."""
     torch.manual_seed(0)
-    return build_cache_shards(EncoderCNN("none", channels_last=False), str(source), ["val"], out, 64, 16)
+    return cached_sizes(EncoderCNN("none", channels_last=False), str(source), ["val"], out, 64, 16)
 
 
 def test_a_resumed_cache_build_counts_the_shards_it_keeps(demo_shards, tmp_path):
@@ -180,7 +185,7 @@ def test_a_sample_the_cache_cannot_encode_is_skipped_and_counted_in_every_epoch_
     cut = with_one_image_cut_short(demo_shards, source)
     torch.manual_seed(0)
     encoder = EncoderCNN("none", channels_last=False)
-    sizes = build_cache_shards(encoder, str(source), ["train"], cache, 64, 16)
+    sizes = cached_sizes(encoder, str(source), ["train"], cache, 64, 16)
     finish_cache(cache, str(source), sizes, encoder, 64, "none", "fp32")
 
     def skipped_by_epoch(shards: list[str]) -> list[int]:
@@ -190,5 +195,5 @@ def test_a_sample_the_cache_cannot_encode_is_skipped_and_counted_in_every_epoch_
     from_images = skipped_by_epoch(list_shards(str(source), "train"))
     assert skipped_by_epoch(list_shards(str(cache), "train")) == from_images and min(from_images) >= 1
     assert f"{source / 'train-000000.tar'}: 1 of its samples could not be cached (the first: {cut}" in caplog.text
-    resumed = build_cache_shards(encoder, str(source), ["train"], cache, 64, 16)  # counts the shards it keeps
+    resumed = cached_sizes(encoder, str(source), ["train"], cache, 64, 16)  # counts the shards it keeps
     assert read_sizes(cache) == read_sizes(source) == resumed

@@ -86,20 +86,6 @@ def check_cache(cache_dir: str | Path, encoder: EncoderCNN, image_size: int, wei
         )
 
 
-def build_cache_shards(
-    encoder: EncoderCNN,
-    source: str,
-    splits: list[str],
-    out_dir: str | Path,
-    image_size: int,
-    batch_size: int,
-    dtype: str = "bf16",
-    part: Part = Part(),
-) -> dict[str, int]:
-    """Write this process's share of the cache shards (cache_shards); returns their sizes."""
-    return dict(c for c in cache_shards(encoder, source, splits, out_dir, image_size, batch_size, dtype, part) if c)
-
-
 def cache_shards(
     encoder: EncoderCNN,
     source: str,
