@@ -104,6 +104,11 @@ def read_only(directory: Path):
             os.chmod(directory, 0o755)
 
 
+def two_process_launch() -> list[str]:
+    """`accelerate launch` of two processes on a free rendezvous port, before the script and its arguments."""
+    return ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())]
+
+
 def image_bytes(image: Image.Image, fmt: str) -> bytes:
     out = io.BytesIO()
     image.save(out, format=fmt)

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import ROOT, free_port, run_env, tiny_overrides
+from helpers import ROOT, run_env, tiny_overrides, two_process_launch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -163,8 +163,7 @@ def test_a_bad_input_is_one_line_naming_it_and_exit_2(case, bad):
 
 
 def test_every_process_of_a_launch_reports_a_config_error_in_one_line(tmp_path):
-    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())]
-    command += ["launch/train.py", "--config", "configs/demo.yaml", "train.bogus=1"]
+    command = [*two_process_launch(), "launch/train.py", "--config", "configs/demo.yaml", "train.bogus=1"]
     result = subprocess.run(command, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
     reports = [line for line in output.splitlines() if "train.bogus" in line]

@@ -3,7 +3,7 @@
 import json
 import subprocess
 
-from helpers import ROOT, free_port, run_env, tiny_overrides
+from helpers import ROOT, free_port, run_env, tiny_overrides, two_process_launch
 
 
 def launch(*args, timeout=300) -> subprocess.CompletedProcess:
@@ -12,13 +12,7 @@ def launch(*args, timeout=300) -> subprocess.CompletedProcess:
 
 def test_two_processes_train_on_disjoint_samples_with_equal_batches_and_stay_identical(demo_shards, tmp_path):
     result = launch(
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
+        *two_process_launch(),
         "tests/ddp_probe.py",
         str(tmp_path),
         *tiny_overrides(demo_shards, tmp_path, "train.cpu=true", "model.decoder.dropout=0.3"),
@@ -34,13 +28,7 @@ def test_two_processes_train_on_disjoint_samples_with_equal_batches_and_stay_ide
 
 def test_accelerate_launch_of_the_training_script_runs_two_processes_to_the_end(demo_shards, tmp_path):
     result = launch(
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
+        *two_process_launch(),
         "launch/train.py",
         "--config",
         "configs/demo.yaml",

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, free_port, run_env, tiny_overrides
+from helpers import ROOT, run_env, tiny_overrides, two_process_launch
 from PIL import Image
 
 from imcap.cli import main as imcap
@@ -41,13 +41,7 @@ def test_two_process_evaluation_of_an_odd_split_equals_one_process(trained, tmp_
     common = ["--split", "val", "--shards", str(odd), "--beam-size", "2", "--batch-size", "4", "--cpu"]
     run(sys.executable, "launch/evaluate.py", str(model), "--out", str(tmp_path / "one"), *common)
     run(
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
+        *two_process_launch(),
         "launch/evaluate.py",
         str(model),
         "--out",
