@@ -2,6 +2,7 @@
 
     runs/<name>/checkpoints/
         step-000120/   model.safetensors  optimizer.pt  rng-rank0.pt ...  vocab.json  config.yaml  state.json
+                       (self-critical training: cider_document_frequencies.npz)
         latest         the name of the newest complete checkpoint
         best           the name of the best one, and its score
 
@@ -89,16 +90,11 @@ class Checkpointer:
     """Saves one run's checkpoints when they are due: every `checkpoint.every_steps` steps, at the end of
     every epoch, and when the run is stopped. All ranks call it; the main process publishes."""
 
-    def __init__(self, cfg: Config, accelerator, model, optimizer, scheduler, vocab: Vocabulary):
+    def __init__(self, cfg: Config, accelerator, model, optimizer, scheduler, vocab: Vocabulary, objective):
         self.cfg, self.settings = cfg, cfg.checkpoint
         self.dir = cfg.run_dir / "checkpoints"
-        self.acc, self.model, self.optimizer, self.scheduler, self.vocab = (
-            accelerator,
-            model,
-            optimizer,
-            scheduler,
-            vocab,
-        )
+        self.acc, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.vocab, self.objective = vocab, objective
 
     def maybe_save(self, state: TrainState, evaluation: Evaluation | None, stopping: bool = False) -> Path | None:
         """Save if due. `best` is judged only by an evaluation of the weights being saved."""
@@ -116,7 +112,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        torch.save(_rng_state(), tmp / f"rng-rank{acc.process_index}.pt")
+        torch.save({**_rng_state(), "objective": self.objective.state_dict()}, tmp / f"rng-rank{acc.process_index}.pt")
         fsync(tmp / f"rng-rank{acc.process_index}.pt")
         if acc.is_main_process:
             save_file(contiguous_state(acc.unwrap_model(self.model)), tmp / "model.safetensors")
@@ -125,6 +121,7 @@ class Checkpointer:
                 tmp / "optimizer.pt",
             )
             self.vocab.save(tmp / "vocab.json")
+            self.objective.save(tmp)
             save_config(self.cfg, tmp / "config.yaml")
         acc.wait_for_everyone()  # every rank's RNG file is in place
         if acc.is_main_process:

@@ -93,6 +93,23 @@ class TrainConfig:
     log_every: int = 10  # log the training values every this many optimizer steps
     compile: bool = False  # torch.compile the decoder step (slower than eager on an H200: bench/RESULTS.md)
     preemption_signal: str = "SIGUSR1"  # this signal, like SIGTERM, makes training save a checkpoint and exit 75
+    # what training minimises: cross-entropy (with the attention penalty), or self-critical training on CIDEr-D
+    objective: Literal["xent", "scst"] = "xent"
+    # start from the weights of this run (its best checkpoint, else its latest) or checkpoint directory, with a
+    # fresh optimizer: the second stage of a two-stage recipe; a run resumed from its own checkpoint ignores it
+    init_from: str = ""
+
+
+@dataclass
+class ScstConfig:
+    """Self-critical sequence training (Rennie et al. 2017), with train.objective=scst."""
+
+    samples_per_image: int = 5  # captions sampled for each image, each rewarded by its CIDEr-D
+    # what a sample's reward is compared with: the mean reward of the image's other samples, or the CIDEr-D
+    # of its greedy caption (Rennie et al.)
+    baseline: Literal["mean", "greedy"] = "mean"
+    temperature: float = 1.0  # of the sampling distribution
+    max_length: int = 20  # words a sampled caption has at most
 
 
 @dataclass
@@ -127,6 +144,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    scst: ScstConfig = field(default_factory=ScstConfig)
     resume: str = "auto"  # where training starts: auto | latest | none | a run or checkpoint directory
 
     @property
@@ -135,7 +153,7 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    tree = {} if path is None else _read_yaml(Path(path))
+    tree = {} if path is None else _read_with_base(Path(path), [])
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -159,6 +177,28 @@ def validate(cfg: Config) -> None:
     problems = config_problems(cfg)
     if problems:
         raise ConfigError(problems[0])
+
+
+def _read_with_base(path: Path, chain: list[Path]) -> dict[str, Any]:
+    """A config file's tree over that of the file its `base:` key names (relative to it), if any: a second
+    stage's config states only what differs from the first's."""
+    tree = _read_yaml(path)
+    if "base" not in tree:
+        return tree
+    base = tree.pop("base")
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: base must name one config file, not {base!r}")
+    base_path = path.parent / base
+    if base_path.resolve() in [p.resolve() for p in (*chain, path)]:
+        raise ConfigError(f"config file {path}: base {base} is a file that itself builds on {path}")
+    return _merged(_read_with_base(base_path, [*chain, path]), tree)
+
+
+def _merged(base: dict, tree: dict) -> dict:
+    out = dict(base)
+    for key, value in tree.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 class _TextLoader(yaml.SafeLoader):

@@ -59,6 +59,13 @@ def config_problems(cfg: Config) -> list[str]:
         (cfg.eval.tensorboard_samples >= 0, "eval.tensorboard_samples must be >= 0"),
         (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0"),
         (cfg.eval.no_repeat_ngram >= 0, "eval.no_repeat_ngram must be >= 0"),
+        (cfg.scst.samples_per_image >= 1, "scst.samples_per_image must be >= 1"),
+        (
+            cfg.scst.baseline != "mean" or cfg.scst.samples_per_image >= 2,
+            "scst.baseline=mean needs scst.samples_per_image >= 2: it is the mean reward of an image's other samples",
+        ),
+        (cfg.scst.temperature > 0, "scst.temperature must be > 0"),
+        (cfg.scst.max_length >= 1, "scst.max_length must be >= 1"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
         (

@@ -25,14 +25,16 @@ class MetricsLog:
         self._reset()
 
     def _reset(self):
-        # xent and grad norm summed where they are: reading them at every step would wait for the GPU
-        self.losses = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
+        self.sums: dict[str, torch.Tensor] = {}  # summed where they are: reading them every step waits for the GPU
         self.counts = torch.zeros(2, dtype=torch.float64)  # images, skipped samples
         self.steps, self.start = 0, time.time()
 
     def after_step(self, state: TrainState, step_metrics: dict, micro_batches: list[Batch], lr: float) -> None:
-        """Count a step; every log_every steps log the averages (an all-reduce: call it on every rank)."""
-        self.losses += torch.stack([step_metrics["xent"], step_metrics["grad_norm"]]).to(self.losses)
+        """Count a step; every log_every steps log the averages (an all-reduce: call it on every rank).
+        step_metrics: scalar tensors by name, the same names on every rank."""
+        for name, value in step_metrics.items():
+            value = value.detach().to(self.acc.device, torch.float64)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.counts += torch.tensor(
             [sum(len(b) for b in micro_batches), sum(b.skipped for b in micro_batches)], dtype=torch.float64
         )
@@ -48,18 +50,16 @@ class MetricsLog:
         self.progress.close()
 
     def _log_train(self, state: TrainState, lr: float) -> dict:
-        totals = self.acc.reduce(torch.cat([self.losses, self.counts.to(self.acc.device)]), reduction="sum").cpu()
+        names = sorted(self.sums)
+        summed = torch.stack([*(self.sums[k] for k in names), *self.counts.to(self.acc.device)])
+        totals = self.acc.reduce(summed, reduction="sum").cpu().tolist()
         seconds = time.time() - self.start
-        values = {
-            "train_loss": totals[0].item() / (self.steps * self.acc.num_processes),
-            "grad_norm": totals[1].item() / (self.steps * self.acc.num_processes),
-            "lr": lr,
-            "images_per_s": totals[2].item() / seconds,
-            "skipped_samples": int(totals[3]),
-        }
+        values = {k: total / (self.steps * self.acc.num_processes) for k, total in zip(names, totals)}
+        values |= {"lr": lr, "images_per_s": totals[-2] / seconds, "skipped_samples": int(totals[-1])}
         self.log(values, state)
         self._reset()
-        return {"loss": f"{values['train_loss']:.3f}", "lr": f"{lr:.2e}", "img/s": f"{values['images_per_s']:.0f}"}
+        shown = {"loss": f"{values['train_loss']:.3f}", "lr": f"{lr:.2e}", "img/s": f"{values['images_per_s']:.0f}"}
+        return shown | ({"reward": f"{values['reward']:.3f}"} if "reward" in values else {})
 
     def log(self, values: dict, state: TrainState) -> None:
         if not self.acc.is_main_process:

@@ -25,6 +25,7 @@ from imcap.checkpoint import (
     checkpoint_problem,
     complete_checkpoints,
     latest_checkpoint,
+    read_best,
 )
 from imcap.config import Config
 from imcap.distributed import broadcast_object
@@ -92,17 +93,31 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     return found
 
 
-def _checkpoint_at(resume: str) -> Path:
+def find_init(cfg: Config, resume_from: Path | None) -> Path | None:
+    """The checkpoint whose weights train.init_from names (a run: its best, else its latest), for a run
+    that does not resume its own; checked intact now, before any long work."""
+    if not cfg.train.init_from or resume_from is not None:
+        return None
+    path = Path(cfg.train.init_from)
+    best = read_best(path / "checkpoints") if (path / "checkpoints").is_dir() else None
+    found = path / "checkpoints" / best["name"] if best else _checkpoint_at(cfg.train.init_from, "train.init_from")
+    problem = checkpoint_problem(found)
+    if problem:
+        raise CheckpointError(f"train.init_from={cfg.train.init_from}: {problem}")
+    return found
+
+
+def _checkpoint_at(resume: str, key: str = "resume") -> Path:
     path = Path(resume)
     if (path / "checkpoints").is_dir():  # a run directory
         found = latest_checkpoint(path)
         if found is None:
-            raise CheckpointError(f"resume={resume}: {path / 'checkpoints'} holds no complete checkpoint")
+            raise CheckpointError(f"{key}={resume}: {path / 'checkpoints'} holds no complete checkpoint")
         return found
     if not (path / STATE).exists():
         raise CheckpointError(
-            f"resume={resume}: not a complete checkpoint directory (no {STATE}); "
-            "expected auto, latest, none, a run directory or a checkpoints/step-N directory"
+            f"{key}={resume}: not a complete checkpoint directory (no {STATE}); expected "
+            f"{'auto, latest, none, ' if key == 'resume' else ''}a run directory or a checkpoints/step-N directory"
         )
     return path
 
@@ -144,11 +159,15 @@ class EpochReader:
     epoch_batches: int  # per process
 
 
+def load_weights(checkpoint: Path, model) -> None:
+    model.load_state_dict(_read(checkpoint / "model.safetensors", load_file))
+
+
 def load_checkpoint(
-    checkpoint: Path, model, optimizer, scheduler, accelerator, reader: EpochReader | None = None
+    checkpoint: Path, model, optimizer, scheduler, accelerator, reader: EpochReader | None = None, objective=None
 ) -> TrainState:
-    """Restore model, optimizer, scheduler, this rank's RNG state and the data position, for a run that
-    reads its epochs as `reader` says (None: as the checkpoint's run did).
+    """Restore model, optimizer, scheduler, this rank's RNG states (the objective's sampler among them) and
+    the data position, for a run that reads its epochs as `reader` says (None: as the checkpoint's run did).
 
     Every file is read (safely) before anything is restored, so a bad checkpoint changes nothing."""
     saved = safe_torch_load(checkpoint / "optimizer.pt")
@@ -164,6 +183,8 @@ def load_checkpoint(
     scheduler.load_state_dict(saved["scheduler"])
     if rng is not None:  # with another world size the data order changes anyway; keep the fresh seeds
         _set_rng_state(rng)
+        if objective is not None:
+            objective.load_state_dict(rng.get("objective", {}))
     epoch, batches = resume_position(meta, reader, checkpoint) if reader else (meta["epoch"], meta["batches_in_epoch"])
     return TrainState(meta["step"], epoch, batches, reader.data_workers if reader else meta.get("data_workers"))
 

@@ -28,8 +28,9 @@ from imcap.distributed import Preempted, StopFlag, part_of
 from imcap.encoder_setup import prepare_encoder
 from imcap.evaluation import Evaluation, Evaluator
 from imcap.metrics_log import MetricsLog
-from imcap.model import Captioner, caption_loss
-from imcap.resume import EpochReader, check_compatible, find_resume, load_checkpoint
+from imcap.model import Captioner
+from imcap.objectives import make_objective
+from imcap.resume import EpochReader, check_compatible, find_init, find_resume, load_checkpoint, load_weights
 from imcap.run_dir import claim_run_dir
 from imcap.runtime import prepare_run_dir, start_process
 
@@ -40,19 +41,22 @@ def train(cfg: Config) -> dict:
     acc = start_process(cfg)
     claim_run_dir(cfg, acc)  # locked for this run, every place it writes checked: before any long work
     resume_from = find_resume(cfg, acc)
+    init_from = find_init(cfg, resume_from)
     stop = StopFlag(cfg.train.preemption_signal)
     prepare_run_dir(cfg, acc)
     data = prepare_data(cfg, acc)
     plan = EpochPlan.of(data, cfg, acc.num_processes)
+    objective = make_objective(cfg, data, acc, resume_from)
 
-    # the model and optimizer: restored, or with the encoder's statistics estimated; then the feature cache
+    # the model and optimizer: restored, started from init_from's weights, or with the encoder's statistics
+    # estimated; then the feature cache
     model = Captioner(cfg.model, len(data.vocab), data.vocab.pad)
     optimizer, scheduler = make_optimizer(model, cfg, plan.total_steps)
-    state = restore(resume_from, model, optimizer, scheduler, data, acc, plan)
-    data = prepare_encoder(model, data, cfg, acc, fresh=resume_from is None, stop=stop)
+    state = restore(resume_from, init_from, model, optimizer, scheduler, objective, data, acc, plan)
+    data = prepare_encoder(model, data, cfg, acc, fresh=not (resume_from or init_from), stop=stop)
     model, optimizer = prepare_model(model, optimizer, cfg, acc)
     evaluator = make_evaluator(data, cfg, acc)
-    checkpointer = Checkpointer(cfg, acc, model, optimizer, scheduler, data.vocab)
+    checkpointer = Checkpointer(cfg, acc, model, optimizer, scheduler, data.vocab, objective)
 
     # the loop: one optimizer step at a time through every epoch, on one loader
     acc.print(plan.describe(data, acc))
@@ -62,7 +66,7 @@ def train(cfg: Config) -> dict:
         while state.epoch < cfg.train.epochs:
             # step
             micro_batches = list(itertools.islice(batches, plan.micro_batches(state)))
-            step_metrics = train_step(model, optimizer, scheduler, micro_batches, cfg, acc)
+            step_metrics = train_step(model, optimizer, scheduler, micro_batches, objective, cfg, acc)
             state.advance(len(micro_batches), plan.epoch_batches)
             # log
             metrics.after_step(state, step_metrics, micro_batches, scheduler.get_last_lr()[0])
@@ -116,22 +120,24 @@ class EpochPlan:
         )
 
 
-def train_step(model, optimizer, scheduler, micro_batches: list[Batch], cfg: Config, acc: Accelerator) -> dict:
+def train_step(
+    model, optimizer, scheduler, micro_batches: list[Batch], objective, cfg: Config, acc: Accelerator
+) -> dict[str, torch.Tensor]:
+    """-> the objective's values, averaged over the micro-batches, and the gradient norm."""
     model.train()
-    pad_id = acc.unwrap_model(model).pad_id
-    losses = []
+    values = []
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with nullcontext() if last else acc.no_sync(model):  # all-reduce gradients once per step
-            logits, alphas = model(batch.captions, batch.inputs)  # captions (B, k, T)
-            loss, xent = caption_loss(logits, alphas, batch.captions, pad_id, cfg.model.decoder.alpha_c)
+            loss, batch_values = objective(model, batch)
             acc.backward(loss / len(micro_batches))
-        losses.append(xent.detach())
+        values.append(batch_values)
     grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"xent": torch.stack(losses).mean(), "grad_norm": grad_norm}
+    averaged = {k: torch.stack([v[k].to(grad_norm.device) for v in values]).mean() for k in values[0]}
+    return {**averaged, "grad_norm": grad_norm}
 
 
 def make_optimizer(model: Captioner, cfg: Config, total_steps: int):
@@ -157,16 +163,20 @@ def make_scheduler(optimizer, warmup_steps: int, total_steps: int):
 
 
 def restore(
-    checkpoint, model, optimizer, scheduler, data: TrainingData, acc: Accelerator, plan: EpochPlan
+    checkpoint, init_from, model, optimizer, scheduler, objective, data: TrainingData, acc: Accelerator, plan: EpochPlan
 ) -> TrainState:
     """The state a checkpoint saved, with model, optimizer, scheduler and RNG restored, at its place in the
-    epoch as this run reads it; without one, a fresh start."""
+    epoch as this run reads it; else a fresh start, from init_from's weights where there is one."""
     workers = data.train_workers(acc.num_processes)
     if checkpoint is None:
+        if init_from is not None:
+            check_compatible(init_from, model, data.vocab)
+            load_weights(init_from, model)
+            acc.print(f"starting from the weights of {init_from}")
         return TrainState(data_workers=workers)
     check_compatible(checkpoint, model, data.vocab)
     reader = EpochReader(acc.num_processes, workers, data.cfg.data.batch_size, plan.epoch_batches)
-    state = load_checkpoint(checkpoint, model, optimizer, scheduler, acc, reader)
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler, acc, reader, objective)
     acc.print(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
     return state
 

@@ -14,6 +14,7 @@ from imcap.data.streams import batches_per_epoch
 from imcap.data.training_data import prepare_data
 from imcap.distributed import part_of
 from imcap.model import Captioner
+from imcap.objectives import CrossEntropy
 from imcap.runtime import start_process
 from imcap.train import make_optimizer, train_step
 
@@ -28,7 +29,9 @@ if __name__ == "__main__":
     num_batches = batches_per_epoch(data.num_train_samples, cfg.data.batch_size, acc.num_processes, 1)
     seen, batches = [], 0
     for batch in DeviceBatches(data.train_loader(part_of(acc), 0, 0, num_batches), acc.device):
-        train_step(model, optimizer, scheduler, [batch], cfg, acc)
+        train_step(
+            model, optimizer, scheduler, [batch], CrossEntropy(data.vocab.pad, cfg.model.decoder.alpha_c), cfg, acc
+        )
         seen += batch.image_ids
         batches += 1
     params = torch.cat([p.detach().flatten() for p in acc.unwrap_model(model).parameters()])

@@ -70,15 +70,19 @@ class TrainingData:
         )
 
 
-def split_captions(shards: list[str]) -> list[str]:
-    """Every caption of these shards, reading only their text members (no image is decoded)."""
-    captions = []
+def split_references(shards: list[str]) -> list[list[str]]:
+    """Every sample's captions, reading only the shards' text members (no image is decoded)."""
+    references = []
     for sample in read_samples(shards, handler=reraise_exception, select_files=_is_text):
         try:
-            captions.extend(sample_captions(sample))
+            references.append(sample_captions(sample))
         except (SampleError, ValueError):
             pass  # counted when the streams reach it
-    return captions
+    return references
+
+
+def split_captions(shards: list[str]) -> list[str]:
+    return [caption for captions in split_references(shards) for caption in captions]
 
 
 def _is_text(member: str) -> bool:

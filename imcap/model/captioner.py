@@ -9,6 +9,7 @@ from torch import nn
 from imcap.config import ModelConfig
 from imcap.data.batch import CachedFeatures, Images
 from imcap.model.decoder import Decoder
+from imcap.model.decoding import Sampling, sample_captions
 from imcap.model.encoder import EncoderCNN
 
 
@@ -22,10 +23,14 @@ class Captioner(nn.Module):
             vocab_size, EncoderCNN.feature_dim, dec.embed_dim, dec.hidden_dim, dec.attention_dim, dec.dropout
         )
 
-    def forward(self, captions: torch.Tensor, inputs: Images | CachedFeatures):
-        """captions (B, k, T) token ids; inputs: images (B, 3, H, W) uint8 or cached encoder features.
+    def forward(self, captions: torch.Tensor | None, inputs: Images | CachedFeatures, sampling: Sampling | None = None):
+        """Teacher forcing: captions (B, k, T) token ids; inputs: images (B, 3, H, W) uint8 or cached encoder
+        features. -> logits (B*k, T-1, V), alphas (B*k, T-1, R).
 
-        -> logits (B*k, T-1, V), alphas (B*k, T-1, R)."""
+        With `sampling` (and captions None): captions sampled from the model instead -> SampledCaptions.
+        Sampling goes through forward too: DDP all-reduces the gradients only of what its forward computed."""
+        if sampling is not None:
+            return sample_captions(self.decoder, self.encoder(inputs), sampling)
         schedule = self.decoder.schedule(captions, self.pad_id)  # it waits for the device: before the encoder's work
         features = self.encoder(inputs)  # (B, R, 2048)
         return self.decoder(features, captions, schedule, self.pad_id)

@@ -50,6 +50,14 @@ class Decoder(nn.Module):
         h, c = self.lstm(torch.cat([embedded, context.to(embedded.dtype)], dim=1), (h, c))
         return h, c, alphas
 
+    def logprobs_step(self, features, projected, words, h, c):
+        """One step of decoding from the previous words (B,) ids: what greedy, beam and sampled decoding share.
+
+        -> log-probabilities of the next word (B, V) in float32 (or float64), the new h, c, and alphas (B, R)."""
+        h, c, alphas = self.step(features, projected, self.embedding(words), h, c)
+        logits = self.output(self.dropout(h))
+        return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=1), h, c, alphas
+
     @staticmethod
     def schedule(captions: torch.Tensor, pad_id: int = 0) -> Schedule:
         """captions (B, k, T) -> the order and batch sizes of teacher forcing.

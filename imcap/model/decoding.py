@@ -1,19 +1,25 @@
-"""Decoding captions from a trained Captioner: greedy search and batched beam search.
+"""Decoding captions: greedy search, batched beam search, and sampling (for self-critical training).
 
-Both return `Decoded`: per image the word ids (without <start> and <end>), the attention over the
-regions for each of them and the caption's log-probability under the model (its <end> included).
-Neither ends a caption before its first word: no training caption is empty, yet <end> can rank among
-the first step's top words, and its one log-probability beats that of any whole caption.
+Greedy and beam search return `Decoded`: per image the word ids (without <start> and <end>), the
+attention over the regions for each of them and the caption's log-probability under the model (its
+<end> included). Sampling returns `SampledCaptions`, with the log-probability of every sampled token
+and its gradient. None ends a caption before its first word: no training caption is empty, yet <end>
+can rank among the first step's top words, and its one log-probability beats that of any whole caption.
+All of them run the decoder one `logprobs_step` at a time.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import contextlib
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from imcap.data.batch import CachedFeatures, Images
-from imcap.model.captioner import Captioner
+
+if TYPE_CHECKING:
+    from imcap.model.captioner import Captioner
+    from imcap.model.decoder import Decoder
 
 
 class Decoded(NamedTuple):
@@ -22,30 +28,40 @@ class Decoded(NamedTuple):
     logprobs: torch.Tensor  # (B,) log-probability of each caption
 
 
-def _start(model: Captioner, inputs: Images | CachedFeatures, copies: int):
-    """Encode once, then repeat the features `copies` times per image: features, projection, h, c."""
-    decoder = model.decoder
-    features, projected = decoder.prepare(model.encoder(inputs))  # (B, R, D), (B, R, A)
-    features, projected = (x.repeat_interleave(copies, dim=0) for x in (features, projected))
+class Sampling(NamedTuple):
+    """What the captioner's forward samples instead of teacher forcing (self-critical training)."""
+
+    per_image: int  # captions sampled for each image
+    max_length: int  # words a caption has at most
+    start_id: int
+    end_id: int
+    temperature: float = 1.0
+    generator: torch.Generator | None = None  # on the device of the features
+    greedy: bool = False  # also decode each image greedily (the baseline of Rennie et al.), without gradient
+
+
+class SampledCaptions(NamedTuple):
+    tokens: torch.Tensor  # (B*n, L) sampled ids, the n of each image together; end_id after a caption's end
+    logprobs: torch.Tensor  # (B*n, L) float32 log-probability of each sampled token under the sampling policy
+    mask: torch.Tensor  # (B*n, L) bool: the caption's tokens, the <end> that ended it included
+    greedy: torch.Tensor | None  # (B, L') greedy ids, end_id after their end; None unless Sampling.greedy
+
+
+def _encode(model: Captioner, inputs: Images | CachedFeatures):
+    """The features and their attention projection, (B, R, D) and (B, R, A), once per image."""
+    return model.decoder.prepare(model.encoder(inputs))
+
+
+def _greedy_steps(decoder: Decoder, features, projected, start_id: int, end_id: int, max_length: int):
+    """-> ids (B, L) with end_id after each caption's end, attention (B, L, R), log-probabilities (B,)."""
     h, c = decoder.init_state(features)
-    return features, projected, h, c
-
-
-@torch.no_grad()
-def greedy_decode(
-    model: Captioner, inputs: Images | CachedFeatures, start_id: int, end_id: int, max_length: int
-) -> Decoded:
-    """The most likely word at every step, for at most max_length steps."""
-    decoder = model.decoder
-    features, projected, h, c = _start(model, inputs, 1)
     batch = features.shape[0]
     words = torch.full((batch,), start_id, dtype=torch.long, device=features.device)
     done = torch.zeros(batch, dtype=torch.bool, device=features.device)
     logprobs = torch.zeros(batch, device=features.device)
     steps, alphas = [], []
     for t in range(max_length):
-        h, c, alpha = decoder.step(features, projected, decoder.embedding(words), h, c)
-        step_logprobs = decoder.output(h).float().log_softmax(dim=1)  # (B, V)
+        step_logprobs, h, c, alpha = decoder.logprobs_step(features, projected, words, h, c)  # (B, V)
         if t == 0:
             step_logprobs[:, end_id] = float("-inf")  # no empty caption
         words = step_logprobs.argmax(dim=1)
@@ -55,9 +71,59 @@ def greedy_decode(
         done |= words == end_id
         if done.all():
             break
-    steps, alphas = torch.stack(steps, dim=1).tolist(), torch.stack(alphas, dim=1).cpu()  # (B, L), (B, L, R)
+    return torch.stack(steps, dim=1), torch.stack(alphas, dim=1), logprobs
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: Captioner, inputs: Images | CachedFeatures, start_id: int, end_id: int, max_length: int
+) -> Decoded:
+    """The most likely word at every step, for at most max_length steps."""
+    steps, alphas, logprobs = _greedy_steps(model.decoder, *_encode(model, inputs), start_id, end_id, max_length)
+    steps, alphas = steps.tolist(), alphas.cpu()  # (B, L), (B, L, R)
     tokens = [row[: row.index(end_id)] if end_id in row else row for row in steps]
     return Decoded(tokens, [a[: len(t)] for a, t in zip(alphas, tokens)], logprobs.cpu())
+
+
+def sample_captions(decoder: Decoder, features: torch.Tensor, sampling: Sampling) -> SampledCaptions:
+    """Sample `sampling.per_image` captions of each image (multinomial, at a temperature), from one encoder
+    pass: features (B, R, D) -> SampledCaptions. The greedy captions, when asked for, are decoded with
+    dropout off, as evaluation decodes."""
+    n, end_id = sampling.per_image, sampling.end_id
+    features, projected = decoder.prepare(features)  # (B, R, D), (B, R, A)
+    greedy = None
+    if sampling.greedy:
+        with torch.no_grad(), _evaluating(decoder):
+            greedy = _greedy_steps(decoder, features, projected, sampling.start_id, end_id, sampling.max_length)[0]
+    features, projected = (x.repeat_interleave(n, dim=0) for x in (features, projected))  # (B*n, ...)
+    h, c = decoder.init_state(features)
+    words = torch.full((features.shape[0],), sampling.start_id, dtype=torch.long, device=features.device)
+    done = torch.zeros_like(words, dtype=torch.bool)
+    tokens, logprobs, mask = [], [], []
+    for t in range(sampling.max_length):
+        step_logprobs, h, c, _ = decoder.logprobs_step(features, projected, words, h, c)  # (B*n, V)
+        if sampling.temperature != 1.0:
+            step_logprobs = (step_logprobs / sampling.temperature).log_softmax(dim=1)
+        if t == 0:  # no empty caption: the first word is sampled from the others, renormalised
+            step_logprobs = step_logprobs.index_fill(1, words.new_tensor([end_id]), float("-inf")).log_softmax(dim=1)
+        words = torch.multinomial(step_logprobs.detach().exp(), 1, generator=sampling.generator).squeeze(1)
+        logprobs.append(step_logprobs.gather(1, words.unsqueeze(1)).squeeze(1))
+        mask.append(~done)
+        tokens.append(words.masked_fill(done, end_id))
+        done = done | (words == end_id)
+        if done.all():
+            break
+    return SampledCaptions(torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1), torch.stack(mask, dim=1), greedy)
+
+
+@contextlib.contextmanager
+def _evaluating(module: torch.nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 @torch.no_grad()
@@ -80,7 +146,8 @@ def beam_search(
     """
     decoder = model.decoder
     k = beam_size
-    features, projected, h, c = _start(model, inputs, k)  # (B*k, ...)
+    features, projected = (x.repeat_interleave(k, dim=0) for x in _encode(model, inputs))  # (B*k, ...)
+    h, c = decoder.init_state(features)
     batch, device = features.shape[0] // k, features.device
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
@@ -91,8 +158,8 @@ def beam_search(
     done = [False] * batch
     vocab = decoder.output.out_features
     for t in range(max_length):
-        h, c, alpha = decoder.step(features, projected, decoder.embedding(words), h, c)
-        step_logprobs = decoder.output(h).float().log_softmax(dim=1).view(batch, k, vocab)
+        step_logprobs, h, c, alpha = decoder.logprobs_step(features, projected, words, h, c)
+        step_logprobs = step_logprobs.view(batch, k, vocab)
         if t == 0:
             step_logprobs[:, :, end_id] = float("-inf")  # no empty caption
         if no_repeat_ngram:
