@@ -3,6 +3,8 @@
     python bench/throughput.py                      # the small CPU size
     python bench/throughput.py --size gpu           # 256 caption samples a step, 224 px, 10,000 words, 20 steps, bf16
     python bench/throughput.py --pipeline SHARDS    # also: the data pipeline's images/s per core on SHARDS
+    python bench/throughput.py --scst               # instead: self-critical training's reward and step (scst.py)
+    python bench/throughput.py --scst --size gpu --batch 1280   # the same at 256 images a step
 
 Both steps train the same weights and are timed in the same run, alternating, so the ratios are
 measured under the same conditions. Both train the same `--batch` caption samples (image-caption
@@ -226,11 +228,16 @@ def main():
     parser.add_argument(
         "--pipeline", metavar="SHARDS", help="also measure the pipeline's images/s per core on these shards"
     )
+    parser.add_argument(
+        "--scst", action="store_true", help="instead: self-critical training's reward and step (bench/scst.py)"
+    )
     for key, value in SIZES["cpu"].items():
         parser.add_argument(
             f"--{key.replace('_', '-')}", type=type(value) if not isinstance(value, bool) else int, default=None
         )
     args = parser.parse_args()
+    if args.scst and args.size == "cpu" and args.batch is None:
+        args.batch = 160  # the demo's 32 images x 5 samples: self-critical training on a CPU trains the demo
     for key, value in SIZES[args.size].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -249,6 +256,10 @@ def main():
         args.ahead = DeviceBatches.default_ahead(device) if args.ahead is None else args.ahead
         args.vocab = len(Vocabulary.load(Path(args.e2e) / "vocab.json"))  # the shards' captions decide it
     print(f"device: {card}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    if args.scst:
+        import scst
+
+        return scst.run(args, device, args.batch // args.captions)
     print(
         f"both: {args.batch // args.captions} images x {args.captions} captions per step (the reference: a row "
         "per caption, an encoder pass per row); "

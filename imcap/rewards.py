@@ -84,68 +84,73 @@ class ReferenceWords:
     def __init__(self, vocab: Vocabulary, extra_words: tuple[str, ...] = ()):
         self.vocab = vocab
         self.index = dict(vocab.index)
-        self.index.update((w, len(vocab) + i) for i, w in enumerate(extra_words))
-        if len(self.index) > MAX_IDS:
-            log.warning(
-                "CIDEr-D reward: %d words (vocabulary and reference words outside it); those past %d share an id",
-                len(self.index),
-                MAX_IDS,
-            )
+        self.index.update((w, min(len(vocab) + i, MAX_IDS - 1)) for i, w in enumerate(extra_words))
 
     @property
     def extra_words(self) -> tuple[str, ...]:
-        return tuple(w for w in self.index if self.index[w] >= len(self.vocab))
+        return tuple(self.index)[len(self.vocab) :]
 
-    def encode(self, caption: str, grow: bool = False) -> np.ndarray:
-        """-> (words + 1,) ids ending in <end>; grow: a word never seen gets an id of its own, else the last one."""
-        ids = []
-        for word in tokenize(caption):
-            if word not in self.index and grow:
-                self.index[word] = len(self.index)
-            ids.append(min(self.index.get(word, MAX_IDS - 1), MAX_IDS - 1))
+    def encode(self, caption: str) -> np.ndarray:
+        """-> (words + 1,) ids ending in <end>; a word never seen has the last id, which all such words share."""
+        ids = [self.index.get(w, MAX_IDS - 1) for w in tokenize(caption)]
         ids.append(self.vocab.end)
         return np.array(ids, dtype=np.int64)
+
+    def grow(self, caption: str) -> np.ndarray:
+        """encode, a word never seen first given an id of its own (those past MAX_IDS share the last one)."""
+        for word in tokenize(caption):
+            if word not in self.index:
+                if len(self.index) == MAX_IDS - 1:
+                    log.warning("CIDEr-D reward: reference words past the %dth share an id", MAX_IDS - 1)
+                self.index[word] = min(len(self.index), MAX_IDS - 1)
+        return self.encode(caption)
 
 
 def document_frequencies(references: list[list[str]], vocab: Vocabulary) -> DocumentFrequencies:
     """Count, for every n-gram, the images among `references` (each image's reference captions) that hold it."""
     words = ReferenceWords(vocab)
-    encoded = [[words.encode(caption, grow=True) for caption in captions] for captions in references]
-    sequences = [ids for captions in encoded for ids in captions]
+    encoded = [[words.grow(caption) for caption in captions] for captions in references]
+    sequence, code = ngrams([ids for captions in encoded for ids in captions])
     image_of = np.repeat(np.arange(len(encoded)), [len(captions) for captions in encoded])
-    grams = NgramCounts.of(sequences)
-    image_and_code = np.unique(np.stack([image_of[grams.sequence], grams.code]), axis=1)  # each pair once
-    codes, counts = np.unique(image_and_code[1], return_counts=True)
+    codes, dense = np.unique(code, return_inverse=True)
+    image_and_ngram = np.unique(image_of[sequence] * len(codes) + dense)  # each (image, n-gram) once
+    counts = np.bincount(image_and_ngram % len(codes), minlength=len(codes))
     return DocumentFrequencies(codes, counts, len(references), words.extra_words, len(vocab))
+
+
+def ngrams(sequences: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Every n-gram (n = 1..4) of the token sequences, one per position: (which sequence, its int64 code: the
+    ids + 1, ID_BITS bits each, so that no two n-grams of any sizes share one)."""
+    lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+    flat = np.concatenate([*sequences, np.zeros(NGRAMS, dtype=np.int64)]) + 1  # padded: windows stay inside
+    sequence_of = np.repeat(np.arange(len(sequences)), lengths)  # (total,)
+    left = np.cumsum(lengths)[sequence_of] - np.arange(len(sequence_of))  # tokens from each position on
+    sequences_, codes, code = [], [], np.zeros(len(sequence_of), dtype=np.int64)
+    for n in range(NGRAMS):
+        code = code | (flat[n : n + len(sequence_of)] << (ID_BITS * n))  # the (n+1)-gram starting at each position
+        starts = left > n
+        sequences_.append(sequence_of[starts])
+        codes.append(code[starts])
+    return np.concatenate(sequences_), np.concatenate(codes)
+
+
+def ngram_order(codes: np.ndarray) -> np.ndarray:
+    """n - 1 of each n-gram code (0 for unigrams)."""
+    return sum((codes >> (ID_BITS * n) != 0).astype(np.int64) for n in range(1, NGRAMS))
 
 
 @dataclass(frozen=True)
 class NgramCounts:
-    """The n-grams of a list of token sequences, one entry per sequence and distinct n-gram."""
+    """How often each distinct n-gram occurs in each sequence: one entry per sequence and n-gram."""
 
     sequence: np.ndarray  # (E,) which sequence
-    code: np.ndarray  # (E,) int64: the n-gram's ids + 1, ID_BITS bits each
-    order: np.ndarray  # (E,) its n - 1 (0 for unigrams)
-    count: np.ndarray  # (E,) how often it occurs in that sequence
+    ngram: np.ndarray  # (E,) which n-gram: an index into the codes it was counted against
+    count: np.ndarray  # (E,)
 
     @classmethod
-    def of(cls, sequences: list[np.ndarray]) -> NgramCounts:
-        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
-        flat = np.concatenate([*sequences, np.zeros(NGRAMS, dtype=np.int64)]) + 1  # padded: windows stay inside
-        sequence_of = np.repeat(np.arange(len(sequences)), lengths)  # (total,)
-        left = np.cumsum(lengths)[sequence_of] - np.arange(len(sequence_of))  # tokens from each position on
-        entries, code = [], np.zeros(len(sequence_of), dtype=np.int64)
-        for n in range(NGRAMS):
-            code = code | (flat[n : n + len(sequence_of)] << (ID_BITS * n))  # the n-gram starting at each position
-            starts = left > n
-            entries.append((sequence_of[starts], code[starts], np.full(starts.sum(), n)))
-        sequence, code, order = (np.concatenate(parts) for parts in zip(*entries))
-        by = np.lexsort((code, sequence))
-        sequence, code, order = sequence[by], code[by], order[by]
-        first = np.ones(len(code), dtype=bool)
-        first[1:] = (sequence[1:] != sequence[:-1]) | (code[1:] != code[:-1])
-        count = np.diff(np.append(np.flatnonzero(first), len(code)))
-        return cls(sequence[first], code[first], order[first], count)
+    def of(cls, sequence: np.ndarray, ngram: np.ndarray, ngrams: int) -> NgramCounts:
+        keys, count = np.unique(sequence * ngrams + ngram, return_counts=True)
+        return cls(keys // ngrams, keys % ngrams, count)
 
 
 class CiderD:
@@ -175,26 +180,32 @@ class CiderD:
         ref_sequences = [ids for refs in references for ids in refs]
         ref_image = np.repeat(np.arange(len(references)), refs_per_image)  # (M,)
         ref_slot = _positions_in_runs(refs_per_image)  # (M,) each reference's place among its image's
-        hyp, ref = NgramCounts.of(list(captions)), NgramCounts.of(ref_sequences)
-        hyp_weight, hyp_norm = self._tfidf(hyp, len(captions))
-        ref_weight, ref_norm = self._tfidf(ref, len(ref_sequences))
+        hyp_sequence, hyp_code = ngrams(list(captions))
+        ref_sequence, ref_code = ngrams(ref_sequences)
+        # the batch's distinct n-grams, G of them: their idf and n, looked up once
+        codes, dense = np.unique(np.concatenate([hyp_code, ref_code]), return_inverse=True)
+        idf = self.log_images - np.log(np.maximum(1.0, self.frequencies.lookup(codes)))  # (G,)
+        order = ngram_order(codes)  # (G,)
+        hyp = NgramCounts.of(hyp_sequence, dense[: len(hyp_code)], len(codes))
+        ref = NgramCounts.of(ref_sequence, dense[len(hyp_code) :], len(codes))
+        hyp_weight, hyp_norm = _tfidf(hyp, idf, order, len(captions))
+        ref_weight, ref_norm = _tfidf(ref, idf, order, len(ref_sequences))
         # join: every caption n-gram with the same n-gram in each reference of its image
-        all_codes, dense = np.unique(np.concatenate([hyp.code, ref.code]), return_inverse=True)
-        hyp_key = image_of[hyp.sequence] * len(all_codes) + dense[: len(hyp.code)]
-        ref_key = ref_image[ref.sequence] * len(all_codes) + dense[len(hyp.code) :]
+        hyp_key = image_of[hyp.sequence] * len(codes) + hyp.ngram
+        ref_key = ref_image[ref.sequence] * len(codes) + ref.ngram
         by_key = np.argsort(ref_key, kind="stable")
         lo, hi = (np.searchsorted(ref_key[by_key], hyp_key, side=side) for side in ("left", "right"))
         hyp_entry = np.repeat(np.arange(len(hyp_key)), hi - lo)
         ref_entry = by_key[np.repeat(lo, hi - lo) + _positions_in_runs(hi - lo)]
         clipped = np.minimum(hyp_weight[hyp_entry], ref_weight[ref_entry]) * ref_weight[ref_entry]
         slots = max(int(refs_per_image.max(initial=0)), 1)
-        cell = (hyp.sequence[hyp_entry] * slots + ref_slot[ref.sequence[ref_entry]]) * NGRAMS + hyp.order[hyp_entry]
+        slot = ref_slot[ref.sequence[ref_entry]]
+        cell = (hyp.sequence[hyp_entry] * slots + slot) * NGRAMS + order[hyp.ngram[hyp_entry]]
         dots = _summed(cell, clipped, len(captions) * slots * NGRAMS).reshape(len(captions), slots, NGRAMS)
-        # the norms of each caption against each of its image's reference slots (N, slots, n)
+        # each caption against each of its image's reference slots (N, slots, n)
         first_ref = np.cumsum(refs_per_image) - refs_per_image  # (images,)
-        ref_at = first_ref[image_of][:, None] + np.arange(slots)  # (N, slots) row of each slot's reference
         real = np.arange(slots) < refs_per_image[image_of][:, None]  # (N, slots)
-        ref_at = np.where(real, ref_at, 0)
+        ref_at = np.where(real, first_ref[image_of][:, None] + np.arange(slots), 0)  # (N, slots) the reference's row
         norms = hyp_norm[:, None, :] * ref_norm[ref_at]  # (N, slots, n)
         cosine = np.divide(dots, norms, out=dots.copy(), where=norms != 0)
         hyp_length = np.maximum(np.array([len(c) for c in captions]) - 1, 0)  # CIDEr-D counts a caption's bigrams
@@ -204,12 +215,12 @@ class CiderD:
         per_slot = cosine.mean(axis=2) * penalty * real
         return 10.0 * per_slot.sum(axis=1) / refs_per_image[image_of]
 
-    def _tfidf(self, grams: NgramCounts, sequences: int) -> tuple[np.ndarray, np.ndarray]:
-        """-> each entry's tf-idf weight (E,) and each sequence's vector norm per n (sequences, n)."""
-        idf = self.log_images - np.log(np.maximum(1.0, self.frequencies.lookup(grams.code)))
-        weight = grams.count * idf
-        squares = _summed(grams.sequence * NGRAMS + grams.order, weight**2, sequences * NGRAMS)
-        return weight, np.sqrt(squares).reshape(sequences, NGRAMS)
+
+def _tfidf(grams: NgramCounts, idf: np.ndarray, order: np.ndarray, sequences: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> each entry's tf-idf weight (E,) and each sequence's vector norm per n (sequences, n)."""
+    weight = grams.count * idf[grams.ngram]
+    squares = _summed(grams.sequence * NGRAMS + order[grams.ngram], weight**2, sequences * NGRAMS)
+    return weight, np.sqrt(squares).reshape(sequences, NGRAMS)
 
 
 def _positions_in_runs(lengths: np.ndarray) -> np.ndarray:

@@ -109,6 +109,10 @@ CASES = {
         ["train", *DEMO, *b.tiny, f"model.encoder.weights={b.tmp / 'no.pt'}"],
         ["model.encoder.weights", b.tmp / "no.pt"],
     ),
+    "train: init_from not a run or checkpoint": lambda b: (
+        ["train", *DEMO, *b.tiny, "train.objective=scst", f"train.init_from={b.empty}"],
+        [f"train.init_from={b.empty}", "not a complete checkpoint directory"],
+    ),
     "features build: no shards": lambda b: (
         ["features", "build", *DEMO, *b.tiny, f"data.shards={b.empty}"],
         [b.empty, "split 'train'"],

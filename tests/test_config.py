@@ -83,6 +83,11 @@ def test_every_shipped_config_loads():
         (["run_name=.."], "run_name must name one directory inside runs_dir"),
         (["run_name=a/b"], "run_name must name one directory inside runs_dir (not empty, . or .., no /); got 'a/b'"),
         (["run_name=/tmp/x"], "run_name must name one directory inside runs_dir"),
+        (["train.objective=rl"], "train.objective must be one of xent, scst; got 'rl'"),
+        (["scst.samples_per_image=1"], "scst.baseline=mean needs scst.samples_per_image >= 2"),
+        (["scst.samples_per_image=0", "scst.baseline=greedy"], "scst.samples_per_image must be >= 1"),
+        (["scst.temperature=0"], "scst.temperature must be > 0"),
+        (["scst.max_length=0"], "scst.max_length must be >= 1"),
         (["train.seed=-1"], "train.seed must be in [0, 2**32), the seeds numpy accepts; got -1"),
         ([f"train.seed={2**32}"], f"train.seed must be in [0, 2**32), the seeds numpy accepts; got {2**32}"),
     ],
@@ -194,3 +199,20 @@ def test_an_empty_run_name_in_a_yaml_file_is_refused(tmp_path):
     path.write_text("run_name:\n")
     with pytest.raises(ConfigError, match="run_name must name one directory inside runs_dir"):
         load_config(path)
+
+
+def test_a_config_builds_on_the_file_its_base_key_names_and_states_only_what_differs(tmp_path):
+    (tmp_path / "first.yaml").write_text("run_name: first\ntrain:\n  lr: 1e-3\n  epochs: 7\ndata:\n  batch_size: 4\n")
+    (tmp_path / "second.yaml").write_text("base: first.yaml\nrun_name: second\ntrain:\n  lr: 5e-5\n")
+    cfg = load_config(tmp_path / "second.yaml", ["train.epochs=2"])
+    assert (cfg.run_name, cfg.train.lr, cfg.train.epochs, cfg.data.batch_size) == ("second", 5e-5, 2, 4)
+
+
+def test_a_base_that_is_missing_or_builds_on_the_file_itself_is_an_error_naming_it(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    (tmp_path / "c.yaml").write_text("base: none.yaml\n")
+    with pytest.raises(ConfigError, match="base a.yaml is a file that itself builds on"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match=f"config file {tmp_path / 'none.yaml'} does not exist"):
+        load_config(tmp_path / "c.yaml")
