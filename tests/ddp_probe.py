@@ -1,5 +1,6 @@
 """Launched by test_ddp.py under `accelerate launch --multi_gpu --num_processes 2`: one epoch of real DDP
-training steps with imcap's own pieces, then each rank writes what it saw to OUT/rank<r>.json."""
+training steps of the configured objective with imcap's own pieces, then each rank writes what it saw to
+OUT/rank<r>.json."""
 
 import hashlib
 import json
@@ -14,7 +15,7 @@ from imcap.data.streams import batches_per_epoch
 from imcap.data.training_data import prepare_data
 from imcap.distributed import part_of
 from imcap.model import Captioner
-from imcap.objectives import CrossEntropy
+from imcap.objectives import make_objective
 from imcap.runtime import start_process
 from imcap.train import make_optimizer, train_step
 
@@ -23,15 +24,15 @@ if __name__ == "__main__":
     cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml", overrides)
     acc = start_process(cfg)  # seeded
     data = prepare_data(cfg, acc)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)  # where self-critical training counts its document frequencies
+    objective = make_objective(cfg, data, acc, None)
     model = Captioner(cfg.model, len(data.vocab), data.vocab.pad)
     optimizer, scheduler = make_optimizer(model, cfg, 100)
     model, optimizer = acc.prepare(model, optimizer)
     num_batches = batches_per_epoch(data.num_train_samples, cfg.data.batch_size, acc.num_processes, 1)
     seen, batches = [], 0
     for batch in DeviceBatches(data.train_loader(part_of(acc), 0, 0, num_batches), acc.device):
-        train_step(
-            model, optimizer, scheduler, [batch], CrossEntropy(data.vocab.pad, cfg.model.decoder.alpha_c), cfg, acc
-        )
+        train_step(model, optimizer, scheduler, [batch], objective, cfg, acc)
         seen += batch.image_ids
         batches += 1
     params = torch.cat([p.detach().flatten() for p in acc.unwrap_model(model).parameters()])
@@ -44,6 +45,7 @@ if __name__ == "__main__":
                 "batches": batches,
                 "steps": scheduler.last_epoch,
                 "params": hashlib.sha256(params.numpy().tobytes()).hexdigest(),
+                "objective": hashlib.sha256(repr(objective.state_dict()).encode()).hexdigest(),
             }
         )
     )

@@ -3,6 +3,7 @@
 import json
 import subprocess
 
+import pytest
 from helpers import ROOT, free_port, run_env, tiny_overrides, two_process_launch
 
 
@@ -10,12 +11,17 @@ def launch(*args, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_processes_train_on_disjoint_samples_with_equal_batches_and_stay_identical(demo_shards, tmp_path):
+@pytest.mark.parametrize("objective", ["xent", "scst"])
+def test_two_processes_train_on_disjoint_samples_with_equal_batches_and_stay_identical(
+    demo_shards, tmp_path, objective
+):
     result = launch(
         *two_process_launch(),
         "tests/ddp_probe.py",
         str(tmp_path),
-        *tiny_overrides(demo_shards, tmp_path, "train.cpu=true", "model.decoder.dropout=0.3"),
+        *tiny_overrides(
+            demo_shards, tmp_path, "train.cpu=true", "model.decoder.dropout=0.3", f"train.objective={objective}"
+        ),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -24,6 +30,8 @@ def test_two_processes_train_on_disjoint_samples_with_equal_batches_and_stay_ide
     assert ranks[0]["steps"] == ranks[1]["steps"] == 6
     assert not set(ranks[0]["seen"]) & set(ranks[1]["seen"])  # disjoint samples
     assert ranks[0]["params"] == ranks[1]["params"]  # DDP kept the replicas identical
+    if objective == "scst":  # each rank sampled with a sampler of its own
+        assert ranks[0]["objective"] != ranks[1]["objective"]
 
 
 def test_accelerate_launch_of_the_training_script_runs_two_processes_to_the_end(demo_shards, tmp_path):
