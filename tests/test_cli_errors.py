@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -160,10 +161,26 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def outcomes(bad) -> dict[str, tuple[subprocess.CompletedProcess, list]]:
+    """Every case's process and what its line names: two processes at a time, each training case in a run
+    directory of its own (they would otherwise meet at its lock)."""
+
+    def run(index_and_case):
+        index, case = index_and_case
+        args, named = CASES[case](bad)
+        if args[0] in ("train", "launch/train.py", "features"):
+            args = [*args, f"runs_dir={bad.tmp / f'runs-{index}'}"]
+        return case, (imcap(*args), named)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(run, enumerate(CASES)))
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_a_bad_input_is_one_line_naming_it_and_exit_2(case, bad):
-    args, named = CASES[case](bad)
-    assert_one_line_error(imcap(*args), *named)
+def test_a_bad_input_is_one_line_naming_it_and_exit_2(case, outcomes):
+    result, named = outcomes[case]
+    assert_one_line_error(result, *named)
 
 
 def test_every_process_of_a_launch_reports_a_config_error_in_one_line(tmp_path):

@@ -199,14 +199,13 @@ def greedy_ids(model, inputs, image, vocab) -> np.ndarray:
 
 
 def scst_overrides(shards, runs, *extra):
-    """Self-critical training on 2 processes, 2 epochs of 6 steps, sampler and dropout on, data workers."""
+    """Self-critical training on 2 processes, an epoch of 6 steps, sampler and dropout on, data workers."""
     return tiny_overrides(
         shards,
         runs,
         "train.cpu=true",
         "train.objective=scst",
         "train.lr=5e-4",
-        "train.epochs=2",
         "train.log_every=1",
         "checkpoint.every_steps=2",
         "data.num_workers=2",
@@ -239,11 +238,11 @@ def test_a_2_process_scst_run_resumed_after_kill_9_ends_with_bitwise_the_weights
         tmp_path / "reference.rank0"
     ).read_text()[-3000:]
     interrupted = scst_overrides(demo_shards, tmp_path, "run_name=interrupted", start)
-    procs = start_ranks(interrupted, log=tmp_path / "log", command=stopping_at(BEFORE_STEP.format(done=9)))
+    procs = start_ranks(interrupted, log=tmp_path / "log", command=stopping_at(BEFORE_STEP.format(done=5)))
     wait_for(lambda: all(stopped(p) for p in procs), procs)
     kill_9(procs)
     run = tmp_path / "interrupted"
-    assert latest_checkpoint(run).name == "step-000008"  # resumed 2 batches into the second epoch
+    assert latest_checkpoint(run).name == "step-000004"  # resumed 4 batches into the epoch, step 5 trained again
     assert (latest_checkpoint(run) / FREQUENCIES_FILE).is_file()
     logged_before = len(logged(run))
     assert wait_all(start_ranks(interrupted, log=tmp_path / "log")) == [0, 0], (tmp_path / "log.rank0").read_text()[
@@ -254,7 +253,7 @@ def test_a_2_process_scst_run_resumed_after_kill_9_ends_with_bitwise_the_weights
     assert f"starting from the weights of {cross_entropy_run / 'checkpoints'}" in first_log
     assert "starting from the weights" not in (tmp_path / "log.rank0").read_text().split("resumed from")[-1]
     weights = [
-        load_file(tmp_path / name / "checkpoints" / "step-000012" / "model.safetensors")
+        load_file(tmp_path / name / "checkpoints" / "step-000006" / "model.safetensors")
         for name in ("reference", "interrupted")
     ]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
@@ -262,10 +261,10 @@ def test_a_2_process_scst_run_resumed_after_kill_9_ends_with_bitwise_the_weights
     assert not all(torch.equal(initial[k], weights[0][k]) for k in initial)  # SCST trained
     expected = {r["step"]: r for r in logged(tmp_path / "reference")}
     after_resume = logged(run)[logged_before:]
-    assert [r["step"] for r in after_resume] == [9, 10, 11, 12]
+    assert [r["step"] for r in after_resume] == [5, 6]
     for r in after_resume:  # the same samples, rewards and dropout as the uninterrupted run's
         assert {k: r[k] for k in ("reward", "train_loss", "bad_endings")} == {
             k: expected[r["step"]][k] for k in ("reward", "train_loss", "bad_endings")
         }
-    logged_keys = set(expected[12])
+    logged_keys = set(expected[6])
     assert {"reward", "baseline", "reward_std", "caption_length", "bad_endings"} <= logged_keys
