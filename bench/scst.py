@@ -1,7 +1,8 @@
 """Self-critical training's cost, measured side by side in one run (`bench/throughput.py --scst`):
 
-- the reward: imcap's CIDEr-D on token ids against pycocoevalcap's `Cider` on the same captions as text
-  (each of the step's captions scored against its image's references; the same scores, checked);
+- the reward: imcap's CIDEr-D on token ids against pycocoevalcap's `Cider` on the same captions as text,
+  each of the step's captions scored against its image's references (pycocoevalcap counts its document
+  frequencies over these references; tests/test_scst.py shows the two give the same scores);
 - the step: an SCST optimizer step (n samples of each image plus its greedy caption, each rewarded) against
   imcap's cross-entropy step on the same images with n captions each, in caption-samples per second.
 

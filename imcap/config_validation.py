@@ -20,6 +20,7 @@ METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
 def config_problems(cfg: Config) -> list[str]:
     """The message of every check the config fails, in the order of the checks; empty: it is valid."""
     preemption_signal = getattr(signal, cfg.train.preemption_signal, None)  # SIG_IGN is a handler, not a signal
+    scst = cfg.train.objective == "scst"  # the scst section matters only then
     checks = [
         (
             cfg.run_name not in ("", ".", "..") and not any(sep and sep in cfg.run_name for sep in (os.sep, os.altsep)),
@@ -59,13 +60,13 @@ def config_problems(cfg: Config) -> list[str]:
         (cfg.eval.tensorboard_samples >= 0, "eval.tensorboard_samples must be >= 0"),
         (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0"),
         (cfg.eval.no_repeat_ngram >= 0, "eval.no_repeat_ngram must be >= 0"),
-        (cfg.scst.samples_per_image >= 1, "scst.samples_per_image must be >= 1"),
+        (not scst or cfg.scst.samples_per_image >= 1, "scst.samples_per_image must be >= 1"),
         (
-            cfg.scst.baseline != "mean" or cfg.scst.samples_per_image >= 2,
+            not scst or cfg.scst.baseline != "mean" or cfg.scst.samples_per_image >= 2,
             "scst.baseline=mean needs scst.samples_per_image >= 2: it is the mean reward of an image's other samples",
         ),
-        (cfg.scst.temperature > 0, "scst.temperature must be > 0"),
-        (cfg.scst.max_length >= 1, "scst.max_length must be >= 1"),
+        (not scst or cfg.scst.temperature > 0, "scst.temperature must be > 0"),
+        (not scst or cfg.scst.max_length >= 1, "scst.max_length must be >= 1"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
         (

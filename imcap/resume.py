@@ -93,17 +93,31 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     return found
 
 
-def find_init(cfg: Config, resume_from: Path | None) -> Path | None:
-    """The checkpoint whose weights train.init_from names (a run: its best, else its latest), for a run
-    that does not resume its own; checked intact now, before any long work."""
+def find_init(cfg: Config, accelerator, resume_from: Path | None) -> Path | None:
+    """The checkpoint whose weights train.init_from names, for a run that does not resume its own, as the
+    main process found it; checked intact now, before any long work."""
     if not cfg.train.init_from or resume_from is not None:
         return None
-    path = Path(cfg.train.init_from)
-    best = read_best(path / "checkpoints") if (path / "checkpoints").is_dir() else None
-    found = path / "checkpoints" / best["name"] if best else _checkpoint_at(cfg.train.init_from, "train.init_from")
+    return broadcast_object(accelerator, _init_checkpoint(cfg.train.init_from))
+
+
+def _init_checkpoint(init_from: str) -> Path:
+    """A run directory: its best checkpoint if that is intact, else its latest; or a checkpoint directory."""
+    path = Path(init_from)
+    checkpoints = path / "checkpoints"
+    try:
+        best = read_best(checkpoints) if checkpoints.is_dir() else None
+    except (OSError, ValueError, KeyError) as e:
+        log.warning(
+            "train.init_from=%s: %s is unreadable (%s): using the latest checkpoint", init_from, checkpoints / "best", e
+        )
+        best = None
+    if best is not None and checkpoint_problem(checkpoints / str(best.get("name"))) is None:
+        return checkpoints / best["name"]
+    found = _checkpoint_at(init_from, "train.init_from")
     problem = checkpoint_problem(found)
     if problem:
-        raise CheckpointError(f"train.init_from={cfg.train.init_from}: {problem}")
+        raise CheckpointError(f"train.init_from={init_from}: {problem}")
     return found
 
 

@@ -106,8 +106,14 @@ class ReferenceWords:
         return self.encode(caption)
 
 
+def check_vocabulary(vocab: Vocabulary) -> None:
+    if len(vocab) >= MAX_IDS:
+        raise RewardError(f"the CIDEr-D reward takes vocabularies of under {MAX_IDS} words; this one has {len(vocab)}")
+
+
 def document_frequencies(references: list[list[str]], vocab: Vocabulary) -> DocumentFrequencies:
     """Count, for every n-gram, the images among `references` (each image's reference captions) that hold it."""
+    check_vocabulary(vocab)
     words = ReferenceWords(vocab)
     encoded = [[words.grow(caption) for caption in captions] for captions in references]
     sequence, code = ngrams([ids for captions in encoded for ids in captions])
@@ -157,10 +163,7 @@ class CiderD:
     """CIDEr-D of captions against each image's references, with fixed document frequencies."""
 
     def __init__(self, frequencies: DocumentFrequencies, vocab: Vocabulary):
-        if len(vocab) >= MAX_IDS:
-            raise RewardError(
-                f"the CIDEr-D reward takes vocabularies of under {MAX_IDS} words; this one has {len(vocab)}"
-            )
+        check_vocabulary(vocab)
         if frequencies.vocabulary_size != len(vocab):
             raise RewardError(
                 f"CIDEr-D document frequencies were counted for a vocabulary of {frequencies.vocabulary_size} words, "

@@ -41,7 +41,7 @@ def train(cfg: Config) -> dict:
     acc = start_process(cfg)
     claim_run_dir(cfg, acc)  # locked for this run, every place it writes checked: before any long work
     resume_from = find_resume(cfg, acc)
-    init_from = find_init(cfg, resume_from)
+    init_from = find_init(cfg, acc, resume_from)
     stop = StopFlag(cfg.train.preemption_signal)
     prepare_run_dir(cfg, acc)
     data = prepare_data(cfg, acc)

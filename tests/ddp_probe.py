@@ -45,7 +45,9 @@ if __name__ == "__main__":
                 "batches": batches,
                 "steps": scheduler.last_epoch,
                 "params": hashlib.sha256(params.numpy().tobytes()).hexdigest(),
-                "objective": hashlib.sha256(repr(objective.state_dict()).encode()).hexdigest(),
+                "objective": hashlib.sha256(
+                    b"".join(t.numpy().tobytes() for t in objective.state_dict().values())
+                ).hexdigest(),
             }
         )
     )

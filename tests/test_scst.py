@@ -1,6 +1,7 @@
 """Self-critical training: the CIDEr-D reward against pycocoevalcap, sampling, the SCST gradient against a
 per-sample reference in float64, and a 2-process SCST run resumed after kill -9 against an uninterrupted one."""
 
+import shutil
 import subprocess
 import sys
 
@@ -268,3 +269,17 @@ def test_a_2_process_scst_run_resumed_after_kill_9_ends_with_bitwise_the_weights
         }
     logged_keys = set(expected[6])
     assert {"reward", "baseline", "reward_std", "caption_length", "bad_endings"} <= logged_keys
+
+
+def test_init_from_a_run_takes_its_best_checkpoint_or_its_latest_when_best_is_unusable(cross_entropy_run, tmp_path):
+    from imcap.resume import _init_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(cross_entropy_run, run)
+    shutil.copytree(run / "checkpoints" / "step-000012", run / "checkpoints" / "step-000006")  # an older one
+    (run / "checkpoints" / "best").write_text('{"name": "step-000006", "metric": "cider", "value": 1.0}')
+    assert _init_checkpoint(str(run)) == run / "checkpoints" / "step-000006"  # the best, not the latest
+    for best in ('{"name": "step-000099", "metric": "cider", "value": 1.0}', "{not json"):
+        (run / "checkpoints" / "best").write_text(best)
+        assert _init_checkpoint(str(run)) == run / "checkpoints" / "step-000012"  # the latest
+    assert _init_checkpoint(str(run / "checkpoints" / "step-000012")) == run / "checkpoints" / "step-000012"
