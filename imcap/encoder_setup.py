@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from imcap.config import Config, ConfigError
 from imcap.data import feature_cache
 from imcap.data.prefetch import to_device
+from imcap.data.shards import is_url
 from imcap.data.streams import EvalStream, Part, eval_loader
 from imcap.data.training_data import TrainingData
 from imcap.distributed import Preempted, StopFlag, gather_objects, part_of
@@ -83,6 +84,11 @@ def use_feature_cache(
         return data
     if not d.feature_cache:
         return data
+    if is_url(d.shards):
+        raise ConfigError(
+            f"data.feature_cache writes the cache beside the shards, and {d.shards} is a URL: build the cache "
+            "of local shards with `imcap features build`, or train with data.feature_cache=false"
+        )
     cache = feature_cache.cache_dir_for(d.shards, encoder, d.image_size)
     if not feature_cache.cache_is_complete(cache, d.shards):
         check_writable(

@@ -7,6 +7,7 @@ import glob
 import io
 import json
 import os
+import posixpath
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -29,14 +30,37 @@ class DataError(ImcapError, ValueError):
     """Shards that cannot be used as asked: none where they should be, no sample count, no usable sample."""
 
 
+def is_url(location: str | Path) -> bool:
+    """Whether shards are read through webdataset's gopen (http(s)://, gs://, pipe: ...), not from a local path."""
+    return "://" in str(location) or str(location).startswith("pipe:")
+
+
+def read_url(url: str) -> bytes:
+    """The whole of a file at a URL, through webdataset's gopen (curl for http and https)."""
+    with wds.gopen(url) as f:
+        return f.read()
+
+
+def split_location(shard: str) -> tuple[str, str]:
+    """A shard's path or URL -> (the location of its directory, its file name)."""
+    directory, name = posixpath.split(str(shard))
+    return directory, name
+
+
 def list_shards(spec: str, split: str | None = None) -> list[str]:
-    """A directory (its `{split}-*.tar`; every .tar without a split, img2dataset's 00000.tar too) or a
-    brace/glob pattern (its `{split}-*.tar`, with a split: one pattern may name both splits) -> sorted shard paths."""
-    if Path(spec).is_dir():
+    """A directory (its `{split}-*.tar`; every .tar without a split, img2dataset's 00000.tar too), a URL of
+    one (the shards its sizes.json lists), or a brace/glob pattern of paths or URLs (its `{split}-*.tar`, with
+    a split: one pattern may name both splits) -> sorted shard paths or URLs."""
+    wanted = (lambda name: name.startswith(f"{split}-")) if split else (lambda name: name.endswith(".tar"))
+    if is_url(spec) and not any(c in spec for c in "{*?["):
+        directory = spec.rstrip("/")
+        shards = sorted(f"{directory}/{name}" for name in read_sizes(directory) if wanted(name))
+    elif Path(spec).is_dir():
         shards = sorted(glob.glob(str(Path(spec) / (f"{split}-*.tar" if split else "*.tar"))))
     else:
-        matches = (p for pattern in wds.shardlists.expand_urls(spec) for p in glob.glob(pattern))
-        shards = sorted(p for p in matches if not split or Path(p).name.startswith(f"{split}-"))
+        urls = wds.shardlists.expand_urls(spec)
+        matches = urls if is_url(spec) else (p for pattern in urls for p in glob.glob(pattern))
+        shards = sorted(p for p in matches if not split or split_location(p)[1].startswith(f"{split}-"))
     if not shards:
         what, files = (f"shards for split {split!r}", f"{split}-NNNNNN.tar") if split else (".tar shards", ".tar")
         raise DataError(
@@ -53,14 +77,14 @@ def count_samples(shards: list[str]) -> int:
 
 def recorded_sizes(shards: list[str]) -> dict[str, int]:
     """shard -> its sample count in the sizes.json beside it."""
-    by_directory: dict[Path, dict[str, int]] = {}
+    by_directory: dict[str, dict[str, int]] = {}
     recorded = {}
     for shard in shards:
-        directory, name = Path(shard).parent, Path(shard).name
+        directory, name = split_location(shard)
         sizes = by_directory.setdefault(directory, read_sizes(directory))
         if name not in sizes:
             raise DataError(
-                f"{directory / SIZES_FILE} has no sample count for {name}; "
+                f"{directory}/{SIZES_FILE} has no sample count for {name}; "
                 "rebuild the shards or run `imcap shards check --fix-sizes` on them"
             )
         recorded[shard] = sizes[name]
@@ -190,11 +214,20 @@ def write_split(samples: Iterable[dict], out_dir: str | Path, split: str, max_sa
 
 
 def read_sizes(shard_dir: str | Path) -> dict[str, int]:
-    path = Path(shard_dir) / SIZES_FILE
-    if not path.exists():
-        return {}
+    """The sizes.json of a shard directory, local ({} if it has none) or at a URL (which must have one)."""
+    if is_url(shard_dir):
+        path = f"{str(shard_dir).rstrip('/')}/{SIZES_FILE}"
+        try:
+            text = read_url(path).decode()
+        except (OSError, ValueError):
+            raise DataError(f"{path} cannot be fetched: shards at a URL need their sizes.json there") from None
+    else:
+        path = Path(shard_dir) / SIZES_FILE
+        if not path.exists():
+            return {}
+        text = path.read_text()
     try:
-        sizes = json.loads(path.read_text())
+        sizes = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f'{path} is not valid JSON ({e}); expected {{"<shard>.tar": <samples>, ...}}') from None
     if not isinstance(sizes, dict) or not all(isinstance(v, int) for v in sizes.values()):

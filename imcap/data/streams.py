@@ -23,7 +23,6 @@ import random
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import webdataset as wds
@@ -32,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from imcap.config import DataConfig
 from imcap.data.batch import Batch, Collate
 from imcap.data.samples import Sample, SampleError, decode_sample
-from imcap.data.shards import SIZES_FILE, DataError, read_samples, recorded_sizes
+from imcap.data.shards import SIZES_FILE, DataError, read_samples, recorded_sizes, split_location
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +89,9 @@ def as_recorded(samples: Iterator[dict], shards: list[str], recorded: dict[str, 
 
 def _check_size(shard: str, read: int, recorded: int) -> None:
     if read != recorded:
-        directory = Path(shard).parent
+        directory = split_location(shard)[0]
         raise DataError(
-            f"{shard}: {directory / SIZES_FILE} records {recorded} samples, but reading it gave {read}, so every "
+            f"{shard}: {directory}/{SIZES_FILE} records {recorded} samples, but reading it gave {read}, so every "
             f"epoch would {'repeat samples' if read < recorded else 'leave samples untrained'}; count them again "
             f"with `imcap shards check --fix-sizes {directory}` (it also names any it cannot read)"
         )

@@ -14,7 +14,7 @@ from imcap.config import Config
 from imcap.data import demo
 from imcap.data.batch import Collate
 from imcap.data.samples import SampleError, sample_captions
-from imcap.data.shards import count_samples, list_shards, member_key, read_samples
+from imcap.data.shards import count_samples, is_url, list_shards, member_key, read_samples, read_url
 from imcap.data.streams import Part, TrainStream, train_loader
 from imcap.text import VOCAB_FILE, Vocabulary
 
@@ -92,9 +92,9 @@ def _is_text(member: str) -> bool:
 def load_vocabulary(shards: str, train_shards: list[str], min_word_count: int) -> Vocabulary:
     """The vocabulary saved beside the shards if it was built with this min_word_count; else built
     from the train split's captions (text members only, no image decoded)."""
-    saved = Path(shards) / VOCAB_FILE
-    if saved.exists():
-        vocab = Vocabulary.load(saved)
+    vocab = _saved_vocabulary(shards)
+    if vocab is not None:
+        saved = f"{shards.rstrip('/')}/{VOCAB_FILE}"
         if vocab.min_word_count == min_word_count:
             return vocab
         log.info(
@@ -104,6 +104,18 @@ def load_vocabulary(shards: str, train_shards: list[str], min_word_count: int) -
             min_word_count,
         )
     return Vocabulary.build(split_captions(train_shards), min_word_count)
+
+
+def _saved_vocabulary(shards: str) -> Vocabulary | None:
+    """The vocab.json beside the shards (a local directory, or a URL of one), if there is one."""
+    if is_url(shards):
+        try:
+            text = read_url(f"{shards.rstrip('/')}/{VOCAB_FILE}").decode()
+        except (OSError, ValueError):
+            return None
+        return Vocabulary.from_json(text, source=f"{shards.rstrip('/')}/{VOCAB_FILE}")
+    saved = Path(shards) / VOCAB_FILE
+    return Vocabulary.load(saved) if saved.exists() else None
 
 
 def prepare_data(cfg: Config, accelerator) -> TrainingData:
