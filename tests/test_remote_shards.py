@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from helpers import ROOT, free_port, tiny_overrides
+from helpers import ROOT, free_port, logged, start_ranks, tiny_overrides, wait_all
 from safetensors.torch import load_file
 
 from imcap.config import ConfigError, load_config
@@ -42,21 +42,24 @@ def tiny_run(shards, runs, *extra):
     return load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(shards, runs, "train.cpu=true", *extra))
 
 
-def test_a_run_streaming_its_shards_over_http_trains_bitwise_as_a_run_reading_them_from_disk(
+def test_two_processes_streaming_their_shards_over_http_train_bitwise_as_two_reading_them_from_disk(
     demo_shards, tmp_path, serve
 ):
     url = serve(demo_shards)
     assert list_shards(url, "train") == [f"{url}/{p.rsplit('/', 1)[1]}" for p in list_shards(str(demo_shards), "train")]
     assert count_samples(list_shards(url, "train")) == 96
-    local = train(tiny_run(demo_shards, tmp_path / "local", "model.decoder.dropout=0.3"))
-    remote = train(tiny_run(url, tmp_path / "remote", "model.decoder.dropout=0.3"))
-    remote.pop("eval_seconds"), local.pop("eval_seconds")
-    assert remote == local  # the same evaluation, scores to every digit
+    for name, shards in (("local", demo_shards), ("remote", url)):
+        overrides = tiny_overrides(shards, tmp_path / name, "train.cpu=true", "model.decoder.dropout=0.3")
+        procs = start_ranks(overrides, log=tmp_path / name)
+        assert wait_all(procs) == [0, 0], (tmp_path / f"{name}.rank0").read_text()[-3000:]
     weights = [
-        load_file(tmp_path / run / "tiny" / "checkpoints" / "step-000012" / "model.safetensors")
+        load_file(tmp_path / run / "tiny" / "checkpoints" / "step-000006" / "model.safetensors")
         for run in ("local", "remote")
     ]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    local, remote = (logged(tmp_path / run / "tiny", "val_loss")[-1] for run in ("local", "remote"))
+    local.pop("eval_seconds"), remote.pop("eval_seconds")
+    assert remote == local and local["images"] == 32  # the evaluation read every val image over http too
 
 
 def test_a_shard_the_server_does_not_have_stops_training_naming_its_url(demo_shards, tmp_path, serve):
