@@ -21,7 +21,7 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +34,7 @@ from imcap.errors import ImcapError
 from imcap.text import Vocabulary
 
 if TYPE_CHECKING:
+    from imcap.data.batch import Batch
     from imcap.evaluation import Evaluation
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,16 @@ class TrainState:
     epoch: int = 0  # the epoch the next batch belongs to
     batches_in_epoch: int = 0  # batches of that epoch already trained on (the data position)
     data_workers: int | None = None  # per process; with world and batch size, it decides an epoch's order
+    # this process's data worker -> samples of its stream of the epoch read through its last trained batch
+    samples_read: dict[int, int] = field(default_factory=dict)
 
-    def advance(self, batches: int, epoch_batches: int) -> None:
-        """One optimizer step on `batches` micro-batches; past an epoch's last batch, the next epoch."""
+    def advance(self, micro_batches: list[Batch], epoch_batches: int) -> None:
+        """One optimizer step on these micro-batches; past an epoch's last batch, the next epoch."""
         self.step += 1
-        self.batches_in_epoch += batches
+        self.batches_in_epoch += len(micro_batches)
+        self.samples_read |= {b.position.worker: b.position.samples_read for b in micro_batches if b.position}
         if self.batches_in_epoch >= epoch_batches:
-            self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+            self.epoch, self.batches_in_epoch, self.samples_read = self.epoch + 1, 0, {}
 
     @property
     def at_epoch_start(self) -> bool:
@@ -112,7 +116,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        torch.save({**_rng_state(), "objective": self.objective.state_dict()}, tmp / f"rng-rank{acc.process_index}.pt")
+        rank_state = {**_rng_state(), "objective": self.objective.state_dict(), "samples_read": state.samples_read}
+        torch.save(rank_state, tmp / f"rng-rank{acc.process_index}.pt")
         fsync(tmp / f"rng-rank{acc.process_index}.pt")
         if acc.is_main_process:
             save_file(contiguous_state(acc.unwrap_model(self.model)), tmp / "model.safetensors")
@@ -142,7 +147,8 @@ class Checkpointer:
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         for name in files:
             fsync(tmp / name)
-        meta = {**asdict(state), "world_size": self.acc.num_processes, "batch_size": self.cfg.data.batch_size}
+        shared = {k: v for k, v in asdict(state).items() if k != "samples_read"}  # each rank's is in its own file
+        meta = {**shared, "world_size": self.acc.num_processes, "batch_size": self.cfg.data.batch_size}
         with open(tmp / STATE, "w") as f:
             f.write(json.dumps({**meta, "files": files}))
             f.flush()

@@ -28,7 +28,9 @@ class ConfigError(ImcapError, ValueError):
 
 @dataclass
 class DataConfig:
-    shards: str = "shards/demo"  # a directory of {split}-NNNNNN.tar + sizes.json, or a brace pattern
+    # a directory of {split}-NNNNNN.tar + sizes.json (local, or at an http(s)://, s3://, gs:// URL), or a
+    # brace pattern of paths, URLs or pipe: commands
+    shards: str = "shards/demo"
     demo: bool = False  # generate the synthetic demo shards into `shards` when they are missing
     train_split: str = "train"  # the split trained on: its shards are {train_split}-NNNNNN.tar
     val_split: str = "val"  # the split evaluated during training
@@ -38,6 +40,9 @@ class DataConfig:
     captions_per_image: int = 1  # k: each image is encoded once and trained with k of its captions
     num_workers: int = 2  # data-loading processes per training process, each reading shards of its own
     shuffle_buffer: int = 1000  # samples each data worker shuffles among; 0: shard order only
+    # reads of a shard at a URL before what is left of it is skipped and counted (a 404, a dropped transfer);
+    # a local shard is read once
+    read_attempts: int = 3
     feature_cache: bool = False  # train from cached outputs of the frozen part of the encoder
     # where training JPEGs are decoded: by the data workers, or by the training process on its device
     # (nvJPEG on a GPU, torchvision >= 0.19), the workers then only reading bytes; evaluation always

@@ -34,6 +34,7 @@ def config_problems(cfg: Config) -> list[str]:
         (cfg.data.captions_per_image >= 1, "data.captions_per_image must be >= 1"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0"),
+        (cfg.data.read_attempts >= 1, "data.read_attempts must be >= 1"),
         (cfg.train.cpu_threads >= 0, "train.cpu_threads must be >= 0"),
         (cfg.data.image_size >= 32, "data.image_size must be >= 32 (ResNet-50 downsamples by 32)"),
         (

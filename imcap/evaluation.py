@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from imcap.caption import AttentionSamples
-from imcap.config import EvalConfig
+from imcap.config import DataConfig, EvalConfig
 from imcap.data.batch import Collate
 from imcap.data.prefetch import DeviceBatches
 from imcap.data.shards import list_shards
@@ -47,12 +47,12 @@ class Evaluator:
         collate: Collate,
         accelerator: Accelerator,
         cfg: EvalConfig,
-        image_size: int,
+        data: DataConfig,
         alpha_c: float,
         attention_samples: AttentionSamples | None = None,
     ):
         self.shards, self.collate, self.vocab, self.accelerator = shards, collate, collate.vocab, accelerator
-        self.cfg, self.image_size, self.alpha_c, self.attention_samples = cfg, image_size, alpha_c, attention_samples
+        self.cfg, self.data, self.alpha_c, self.attention_samples = cfg, data, alpha_c, attention_samples
 
     def due(self, step: int, epoch_ended: bool, last: bool) -> bool:
         """Every eval.every_steps steps; at the end of every epoch when that is 0; always at the end."""
@@ -71,7 +71,13 @@ class Evaluator:
         was_training = model.training
         model.eval()
         stream = EvalStream(
-            self.shards, self.collate, part_of(acc), self.cfg.batch_size, self.image_size, self.cfg.max_images
+            self.shards,
+            self.collate,
+            part_of(acc),
+            self.cfg.batch_size,
+            self.data.image_size,
+            self.cfg.max_images,
+            self.data.read_attempts,
         )
         loss_sum = torch.zeros(2, dtype=torch.float64, device=acc.device)  # (summed token cross-entropy, tokens)
         search = {
@@ -136,7 +142,7 @@ def evaluate_model(
         Collate(vocab, cfg.text.max_length, 1),
         acc,
         settings,
-        cfg.data.image_size,
+        cfg.data,
         cfg.model.decoder.alpha_c,
     )
     result = evaluator(model)

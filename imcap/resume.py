@@ -200,7 +200,11 @@ def load_checkpoint(
         if objective is not None:
             objective.load_state_dict(rng.get("objective", {}))
     epoch, batches = resume_position(meta, reader, checkpoint) if reader else (meta["epoch"], meta["batches_in_epoch"])
-    return TrainState(meta["step"], epoch, batches, reader.data_workers if reader else meta.get("data_workers"))
+    # where each data worker resumes: known when the epoch is read as it was saved
+    same_order = rng is not None and not (reader and _order_differs(meta, reader))
+    samples_read = rng.get("samples_read", {}) if same_order else {}
+    workers = reader.data_workers if reader else meta.get("data_workers")
+    return TrainState(meta["step"], epoch, batches, workers, samples_read)
 
 
 def resume_position(meta: dict, reader: EpochReader, checkpoint: Path) -> tuple[int, int]:

@@ -60,14 +60,14 @@ def train(cfg: Config) -> dict:
 
     # the loop: one optimizer step at a time through every epoch, on one loader
     acc.print(plan.describe(data, acc))
-    loader = data.train_loader(part_of(acc), state.epoch, state.batches_in_epoch, plan.epoch_batches)
+    loader = data.train_loader(part_of(acc), state, plan.epoch_batches)
     evaluation = None  # the last one
     with DeviceBatches(loader, acc.device) as batches, MetricsLog(cfg, acc, plan.total_steps, state.step) as metrics:
         while state.epoch < cfg.train.epochs:
             # step
             micro_batches = list(itertools.islice(batches, plan.micro_batches(state)))
             step_metrics = train_step(model, optimizer, scheduler, micro_batches, objective, cfg, acc)
-            state.advance(len(micro_batches), plan.epoch_batches)
+            state.advance(micro_batches, plan.epoch_batches)
             # log
             metrics.after_step(state, step_metrics, micro_batches, scheduler.get_last_lr()[0])
             # evaluate
@@ -194,9 +194,7 @@ def make_evaluator(data: TrainingData, cfg: Config, acc: Accelerator) -> Evaluat
     samples = AttentionSamples(
         list_shards(cfg.data.shards, cfg.data.val_split), cfg.eval.tensorboard_samples, cfg.data.image_size
     )
-    return Evaluator(
-        data.val_shards, data.collate, acc, cfg.eval, cfg.data.image_size, cfg.model.decoder.alpha_c, samples
-    )
+    return Evaluator(data.val_shards, data.collate, acc, cfg.eval, cfg.data, cfg.model.decoder.alpha_c, samples)
 
 
 def evaluate(evaluator: Evaluator, model, state: TrainState, metrics: MetricsLog, cfg: Config) -> Evaluation:

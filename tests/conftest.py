@@ -1,7 +1,12 @@
-"""Shared fixtures: a tiny demo dataset as real shards, the shared data folder (plain helpers: helpers.py)."""
+"""Shared fixtures: a tiny demo dataset as real shards, the shared data folder, a web server on loopback
+(plain helpers: helpers.py)."""
 
 from __future__ import annotations
 
+import functools
+import http.server
+import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -21,3 +26,45 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent: the shared real-data folder is needed for this test")
     return SHARED_DATA
+
+
+class ShardHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a directory; a file named in the server's `drops` is cut off half-way that many times (the
+    connection closes with fewer bytes sent than announced), and every request is counted."""
+
+    def do_GET(self):
+        self.server.requests[self.path.rsplit("/", 1)[-1]] += 1
+        super().do_GET()
+
+    def copyfile(self, source, outputfile):
+        name = self.path.rsplit("/", 1)[-1]
+        if self.server.drops.get(name, 0) > 0:
+            self.server.drops[name] -= 1
+            data = source.read()
+            outputfile.write(data[: len(data) // 2])
+            self.close_connection = True
+            return
+        super().copyfile(source, outputfile)
+
+    def log_message(self, *args):  # the test's output is not the server's log
+        pass
+
+
+@pytest.fixture
+def serve():
+    """serve(directory, drops={file name: times}) -> (the http:// URL of a server on loopback that serves the
+    directory for the test's length, the server: its `requests` counts them by file name)."""
+    servers = []
+
+    def start(directory, drops=None):
+        handler = functools.partial(ShardHandler, directory=directory)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.drops, server.requests = dict(drops or {}), Counter()
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from imcap.checkpoint import TrainState
 from imcap.config import load_config
 from imcap.data.prefetch import DeviceBatches
 from imcap.data.streams import batches_per_epoch
@@ -31,7 +32,7 @@ if __name__ == "__main__":
     model, optimizer = acc.prepare(model, optimizer)
     num_batches = batches_per_epoch(data.num_train_samples, cfg.data.batch_size, acc.num_processes, 1)
     seen, batches = [], 0
-    for batch in DeviceBatches(data.train_loader(part_of(acc), 0, 0, num_batches), acc.device):
+    for batch in DeviceBatches(data.train_loader(part_of(acc), TrainState(), num_batches), acc.device):
         train_step(model, optimizer, scheduler, [batch], objective, cfg, acc)
         seen += batch.image_ids
         batches += 1

@@ -142,11 +142,13 @@ def make_train_loader(
     seed: int = 0,
     skip: int = 0,
     num_batches: int = 1,
+    samples_read: dict[int, int] | None = None,
     **data,
 ):
     """The train loader of a TrainStream; `data` holds DataConfig fields (batch_size, image_size, ...)."""
     epochs = range(epoch, epoch + epochs)
-    stream = TrainStream(shards, collate, DataConfig(**data), seed, Part(rank, world_size), epochs, skip, num_batches)
+    part = Part(rank, world_size)
+    stream = TrainStream(shards, collate, DataConfig(**data), seed, part, epochs, skip, num_batches, samples_read or {})
     return train_loader(stream, num_workers)
 
 
@@ -160,8 +162,9 @@ def make_eval_loader(
     world_size: int = 1,
     max_images: int = 0,
     num_workers: int = 0,
+    read_attempts: int = 1,
 ):
-    stream = EvalStream(shards, collate, Part(rank, world_size), batch_size, image_size, max_images)
+    stream = EvalStream(shards, collate, Part(rank, world_size), batch_size, image_size, max_images, read_attempts)
     return eval_loader(stream, num_workers)
 
 

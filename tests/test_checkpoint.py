@@ -90,12 +90,14 @@ def uninterrupted(demo_shards, tmp_path_factory) -> Path:
     return runs / "reference"
 
 
-@pytest.mark.parametrize("point", list(KILL_POINTS))
+@pytest.mark.parametrize("point, shards", [*((point, "on disk") for point in KILL_POINTS), ("mid-epoch", "over http")])
 def test_kill_9_at_a_named_point_then_resume_gives_bitwise_the_weights_of_an_uninterrupted_run(
-    demo_shards, tmp_path, uninterrupted, point
+    demo_shards, tmp_path, uninterrupted, serve, point, shards
 ):
+    """The uninterrupted run reads its shards from disk; one over http reads the same (test_remote_shards)."""
     fault, resumed_at = KILL_POINTS[point]
-    interrupted = exact_overrides(demo_shards, tmp_path, "run_name=interrupted")
+    location = serve(demo_shards)[0] if shards == "over http" else demo_shards
+    interrupted = exact_overrides(location, tmp_path, "run_name=interrupted")
     run = tmp_path / "interrupted"
     procs = start_ranks(interrupted, log=tmp_path / "log", command=stopping_at(fault))
     wait_for(lambda: all(stopped(p) for p in procs), procs)

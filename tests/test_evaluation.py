@@ -11,7 +11,7 @@ from helpers import ROOT, run_env, tiny_overrides, two_process_launch
 from PIL import Image
 
 from imcap.cli import main as imcap
-from imcap.config import load_config
+from imcap.config import DataConfig, load_config
 from imcap.data.demo import build_demo
 from imcap.train import train
 
@@ -191,7 +191,7 @@ def test_evaluation_keeps_cocos_integer_image_ids_for_cocos_tools(trained, share
         Collate(vocab, 20, 1),
         Accelerator(cpu=True),
         EvalConfig(batch_size=2, max_length=5),
-        image_size=64,
+        data=DataConfig(image_size=64),
         alpha_c=0.0,
     )
     assert [s["image_id"] for s in evaluator(model, meteor=False)["samples"]] == [7, 391895, "flickr_1000"]

@@ -1,10 +1,12 @@
 """The WebDataset pipeline on real tars: decoding, skipping bad samples, equal epochs, exact coverage."""
 
+import io
 import json
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -24,11 +26,12 @@ from helpers import (
 )
 from PIL import Image
 
+from imcap.checkpoint import TrainState
 from imcap.config import load_config
 from imcap.data.batch import Collate, Images, Jpegs
 from imcap.data.prefetch import to_device
 from imcap.data.samples import SampleError, decode_image, decode_sample, jpeg_for_device
-from imcap.data.shards import DataError, ShardWriter, count_samples, list_shards
+from imcap.data.shards import DataError, ShardWriter, count_samples, iter_tar_members, list_shards
 from imcap.data.training_data import split_captions
 from imcap.model import Captioner, caption_loss
 from imcap.text import Vocabulary
@@ -301,6 +304,82 @@ def test_resuming_inside_an_epoch_yields_exactly_the_batches_not_yet_seen(demo_s
         assert torch.equal(a.inputs.pixels, b.inputs.pixels) and torch.equal(a.captions, b.captions)
 
 
+@pytest.mark.parametrize("workers, skip, buffer, batches", [(0, 5, 16, 12), (2, 9, 4, 12), (2, 15, 0, 24)])
+def test_a_resumed_stream_neither_reads_the_shards_nor_decodes_the_samples_it_trained_on(
+    demo_shards, tmp_path, workers, skip, buffer, batches
+):
+    """Resumed where each worker's last trained batch says, the stream gives the batches an uninterrupted one
+    would, bitwise, from shards in which every sample trained on before (and not again) is garbage and every
+    shard holding only such samples is gone; it skips none. The rank's 48 samples make 12 batches of 4: 24
+    are two passes, the last case resumed in the second pass of each worker."""
+    shards, collate = list_shards(str(demo_shards), "train"), demo_collate(demo_shards, k=2)
+    kw = {**TRAIN_LOADER, "rank": 1, "world_size": 2, "num_workers": workers, "shuffle_buffer": buffer}
+    kw["num_batches"] = batches
+    full = list(make_train_loader(shards, collate, **kw))
+    trained = {i for b in full[:skip] for i in b.image_ids} - {i for b in full[skip:] for i in b.image_ids}
+    samples_read = {b.position.worker: b.position.samples_read for b in full[:skip]}
+    (tmp_path / "sizes.json").write_text((demo_shards / "sizes.json").read_text())
+    gone = 0
+    for shard in shards:
+        members = dict(iter_tar_members(shard))
+        keys = {name.rsplit(".", 1)[0] for name in members}
+        if keys <= trained:
+            gone += 1
+            continue
+        with tarfile.open(tmp_path / Path(shard).name, "w") as tar:
+            for name, data in members.items():
+                garbage = name.endswith(".png") and name.rsplit(".", 1)[0] in trained
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(b"\0" * len(data) if garbage else data))
+    assert trained and gone == (2 if buffer == 4 else 0)
+    copies = [str(tmp_path / Path(shard).name) for shard in shards]  # a gone one, if read, would be a skip
+    resumed = list(make_train_loader(copies, collate, skip=skip, samples_read=samples_read, **kw))
+    assert [b.image_ids for b in resumed] == [b.image_ids for b in full[skip:]] and not any(b.skipped for b in resumed)
+    for a, b in zip(resumed, full[skip:]):  # the same crops and the same chosen captions
+        assert torch.equal(a.inputs.pixels, b.inputs.pixels) and torch.equal(a.captions, b.captions)
+
+
+def test_a_stream_resumes_after_the_last_sample_its_trained_batches_read_skips_included(demo_shards, tmp_path):
+    """The first sample of every shard is corrupt, so each batch reads one more sample than it holds at some
+    point: resumed `skip` whole batches in, the stream would start too early."""
+    (tmp_path / "sizes.json").write_text((demo_shards / "sizes.json").read_text())
+    shards = []
+    for shard in list_shards(str(demo_shards), "train"):
+        members = dict(iter_tar_members(shard))
+        first = min(name.rsplit(".", 1)[0] for name in members)
+        shards.append(str(tmp_path / Path(shard).name))
+        with tarfile.open(shards[-1], "w") as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(b"\0" * len(data) if name == f"{first}.png" else data))
+    collate = demo_collate(demo_shards)
+    kw = {**TRAIN_LOADER, "num_batches": 20, "num_workers": 2, "shuffle_buffer": 0}
+    full = list(make_train_loader(shards, collate, **kw))
+    skip = 6
+    samples_read = {b.position.worker: b.position.samples_read for b in full[:skip]}
+    assert samples_read == {0: 14, 1: 14} and sum(b.skipped for b in full[:skip]) == 4  # 12 samples each
+    resumed = list(make_train_loader(shards, collate, skip=skip, samples_read=samples_read, **kw))
+    assert [b.image_ids for b in resumed] == [b.image_ids for b in full[skip:]]
+    by_batches = list(make_train_loader(shards, collate, skip=skip, **kw))
+    assert [b.image_ids for b in by_batches] != [b.image_ids for b in full[skip:]]
+
+
+def test_a_local_shard_cut_short_keeps_the_samples_before_the_cut_and_skips_and_counts_the_rest(
+    demo_shards, tmp_path, caplog
+):
+    """A shard on disk is read once: a truncated tar (a copy that broke off) is not a miscounted one."""
+    shutil.copytree(demo_shards, tmp_path / "shards")
+    cut = tmp_path / "shards" / "train-000005.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    shards, collate = list_shards(str(tmp_path / "shards"), "train"), demo_collate(demo_shards)
+    batches = list(make_eval_loader(shards, collate, batch_size=8, image_size=64))
+    kept = [i for b in batches for i in b.image_ids if 60 <= int(i[-6:]) < 72]
+    assert 0 < len(kept) < 12 and sum(b.skipped for b in batches) == 12 - len(kept)
+    assert f"skipping {12 - len(kept)} samples of {cut}: 1 read(s) failed" in caplog.text
+
+
 @pytest.mark.parametrize("workers", [0, 2, 3])
 def test_one_loader_through_several_epochs_yields_each_epoch_as_its_own_loader_would(demo_shards, workers):
     """The trainer's loader runs through all epochs (its workers start once); resumed mid-epoch, it
@@ -342,7 +421,7 @@ def test_the_trainer_uses_fewer_workers_when_the_shards_are_too_few_and_says_so(
         list_shards(str(demo_shards), "val"),
         96,
     )
-    loader = data.train_loader(Part(0, 2), first_epoch=0, skip=0, num_batches=1)
+    loader = data.train_loader(Part(0, 2), TrainState(), num_batches=1)
     assert loader.num_workers == 4  # 8 shards for 2 processes
     assert "data.num_workers=5, but 8 train shards feed only 4 workers in each of 2 processes" in caplog.text
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from imcap.cli import shards
-from imcap.config import load_config
+from imcap.config import ConfigError, load_config
 from imcap.errors import EXIT_USER_ERROR, ImcapError, error_line
 
 
@@ -54,11 +54,17 @@ def cmd_features(args) -> None:
     from accelerate.utils import set_seed
 
     from imcap.data.feature_cache import cache_dir_for
+    from imcap.data.shards import is_url
     from imcap.data.training_data import prepare_data
     from imcap.encoder_setup import build_feature_cache, estimate_batchnorm
     from imcap.model import Captioner
 
     cfg = load_config(args.config, args.overrides)
+    if is_url(cfg.data.shards):
+        raise ConfigError(
+            f"imcap features build reads shards on this machine's disk, and data.shards={cfg.data.shards} is a "
+            "URL: build the cache from a local copy of the shards"
+        )
     acc = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision)
     set_seed(cfg.train.seed)  # the encoder the trainer builds: `weights: none` from the same seed,
     data = prepare_data(cfg, acc)

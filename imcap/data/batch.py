@@ -57,12 +57,21 @@ Inputs = Images | CachedFeatures | Jpegs
 
 
 @dataclass(frozen=True)
+class StreamPosition:
+    """How far a training batch's data worker has read its stream of the epoch: where it resumes."""
+
+    worker: int
+    samples_read: int  # of the worker's stream of the epoch, through the batch's last sample
+
+
+@dataclass(frozen=True)
 class Batch:
     captions: torch.Tensor  # (B, k, T) token ids, k captions per image
     inputs: Inputs
     references: list[list[str]]  # every caption of each image
     image_ids: list[str | int]
     skipped: int = 0  # samples dropped since the previous batch of this stream (unreadable, undecodable)
+    position: StreamPosition | None = None  # of a training batch
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -82,24 +91,25 @@ class Batch:
             [self.references[i] for i in keep],
             [self.image_ids[i] for i in keep],
             self.skipped + skipped,
+            self.position,
         )
 
 
 @dataclass
 class Collate:
-    """Decoded samples -> a Batch, with `captions_per_image` captions of each (chosen by rng in training;
-    the first ones, repeated when there are fewer, in evaluation). Training on an image with fewer
-    captions repeats some of them; the first time, a warning says so."""
+    """Decoded samples -> a Batch, with `captions_per_image` captions of each (chosen by each sample's RNG
+    in training; the first ones, repeated when there are fewer, in evaluation, where the RNGs are None).
+    Training on an image with fewer captions repeats some of them; the first time, a warning says so."""
 
     vocab: Vocabulary
     max_length: int
     captions_per_image: int
     warned: bool = field(default=False, init=False, repr=False, compare=False)
 
-    def __call__(self, samples: list[Sample], rng: random.Random | None) -> Batch:
+    def __call__(self, samples: list[Sample], rngs: list[random.Random | None]) -> Batch:
         k = self.captions_per_image
         short = [s for s in samples if len(s.captions) < k]
-        if short and rng is not None and not self.warned:
+        if short and rngs[0] is not None and not self.warned:
             self.warned = True  # once in each process that collates: the main one or a data worker
             log.warning(
                 "data.captions_per_image=%d, but %d of a batch's %d images have fewer captions (%s has %d): "
@@ -111,7 +121,7 @@ class Collate:
                 len(short[0].captions),
             )
         chosen = []
-        for s in samples:
+        for s, rng in zip(samples, rngs):
             caps = s.captions
             if rng is None:
                 chosen.append([caps[i % len(caps)] for i in range(k)])

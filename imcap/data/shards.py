@@ -12,7 +12,9 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import fsspec
 import webdataset as wds
+from webdataset.gopen import gopen_schemes
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 
 from imcap.errors import ImcapError
@@ -31,20 +33,42 @@ class DataError(ImcapError, ValueError):
 
 
 def is_url(location: str | Path) -> bool:
-    """Whether shards are read through webdataset's gopen (http(s)://, gs://, pipe: ...), not from a local path."""
+    """Whether a location is read through webdataset's gopen (http(s)://, s3://, gs://, pipe: ...), not a local path."""
     return "://" in str(location) or str(location).startswith("pipe:")
 
 
-def read_url(url: str) -> bytes:
-    """The whole of a file at a URL, through webdataset's gopen (curl for http and https)."""
-    with wds.gopen(url) as f:
+def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_):
+    return fsspec.open(url, mode).open()
+
+
+# The schemes webdataset's gopen has no handler for (s3://, az:// ...) are opened by fsspec, with the package
+# fsspec names for each (s3fs for s3://); gopen keeps its own (curl for http(s)://, gsutil for gs://, pipe:).
+for _protocol in fsspec.available_protocols():
+    gopen_schemes.setdefault(_protocol, _fsspec_gopen)
+
+
+def read_location(location: str | Path) -> bytes:
+    """The whole of a local file, or of one at a URL or a pipe: command's output, through gopen."""
+    if not is_url(location):
+        return Path(location).read_bytes()
+    with wds.gopen(str(location)) as f:
         return f.read()
 
 
-def split_location(shard: str) -> tuple[str, str]:
-    """A shard's path or URL -> (the location of its directory, its file name)."""
-    directory, name = posixpath.split(str(shard))
-    return directory, name
+def shard_file_name(shard: str) -> str:
+    """A shard's file name: the last part of its path or URL, or of a pipe: command's word naming the .tar."""
+    if shard.startswith("pipe:"):
+        return posixpath.basename(next((w for w in reversed(shard.split()) if w.endswith(".tar")), shard))
+    return posixpath.basename(shard)
+
+
+def beside(shard: str, name: str) -> str:
+    """Where the file `name` is for a shard: in the shard's directory; for a pipe: command, the same command
+    with the shard's file name replaced (pipe:aws s3 cp s3://b/train-000000.tar - -> ...s3://b/sizes.json -)."""
+    if shard.startswith("pipe:"):
+        head, _, tail = shard.rpartition(shard_file_name(shard))
+        return f"{head}{name}{tail}"
+    return posixpath.join(posixpath.dirname(shard), name)
 
 
 def list_shards(spec: str, split: str | None = None) -> list[str]:
@@ -52,7 +76,7 @@ def list_shards(spec: str, split: str | None = None) -> list[str]:
     one (the shards its sizes.json lists), or a brace/glob pattern of paths or URLs (its `{split}-*.tar`, with
     a split: one pattern may name both splits) -> sorted shard paths or URLs."""
     wanted = (lambda name: name.startswith(f"{split}-")) if split else (lambda name: name.endswith(".tar"))
-    if is_url(spec) and not any(c in spec for c in "{*?["):
+    if is_url(spec) and not any(c in spec for c in "{*?[") and not spec.startswith("pipe:"):
         directory = spec.rstrip("/")
         shards = sorted(f"{directory}/{name}" for name in read_sizes(directory) if wanted(name))
     elif Path(spec).is_dir():
@@ -60,7 +84,7 @@ def list_shards(spec: str, split: str | None = None) -> list[str]:
     else:
         urls = wds.shardlists.expand_urls(spec)
         matches = urls if is_url(spec) else (p for pattern in urls for p in glob.glob(pattern))
-        shards = sorted(p for p in matches if not split or split_location(p)[1].startswith(f"{split}-"))
+        shards = sorted(p for p in matches if not split or shard_file_name(p).startswith(f"{split}-"))
     if not shards:
         what, files = (f"shards for split {split!r}", f"{split}-NNNNNN.tar") if split else (".tar shards", ".tar")
         raise DataError(
@@ -77,18 +101,24 @@ def count_samples(shards: list[str]) -> int:
 
 def recorded_sizes(shards: list[str]) -> dict[str, int]:
     """shard -> its sample count in the sizes.json beside it."""
-    by_directory: dict[str, dict[str, int]] = {}
-    recorded = {}
-    for shard in shards:
-        directory, name = split_location(shard)
-        sizes = by_directory.setdefault(directory, read_sizes(directory))
-        if name not in sizes:
+    recorded = known_sizes(shards)
+    for shard, size in recorded.items():
+        if size is None:
             raise DataError(
-                f"{directory}/{SIZES_FILE} has no sample count for {name}; "
+                f"{beside(shard, SIZES_FILE)} has no sample count for {shard_file_name(shard)}; "
                 "rebuild the shards or run `imcap shards check --fix-sizes` on them"
             )
-        recorded[shard] = sizes[name]
     return recorded
+
+
+def known_sizes(shards: list[str]) -> dict[str, int | None]:
+    """shard -> its sample count in the sizes.json beside it, None where that has none (a local one may not)."""
+    by_location: dict[str, dict[str, int]] = {}
+    known = {}
+    for shard in shards:
+        location = beside(shard, SIZES_FILE)
+        known[shard] = by_location.setdefault(location, read_sizes_file(location)).get(shard_file_name(shard))
+    return known
 
 
 def member_key(name: str) -> tuple[str | None, str | None]:
@@ -215,23 +245,27 @@ def write_split(samples: Iterable[dict], out_dir: str | Path, split: str, max_sa
 
 def read_sizes(shard_dir: str | Path) -> dict[str, int]:
     """The sizes.json of a shard directory, local ({} if it has none) or at a URL (which must have one)."""
-    if is_url(shard_dir):
-        path = f"{str(shard_dir).rstrip('/')}/{SIZES_FILE}"
-        try:
-            text = read_url(path).decode()
-        except (OSError, ValueError):
-            raise DataError(f"{path} cannot be fetched: shards at a URL need their sizes.json there") from None
-    else:
-        path = Path(shard_dir) / SIZES_FILE
-        if not path.exists():
-            return {}
-        text = path.read_text()
+    location = f"{str(shard_dir).rstrip('/')}/{SIZES_FILE}" if is_url(shard_dir) else Path(shard_dir) / SIZES_FILE
+    return read_sizes_file(location)
+
+
+def read_sizes_file(location: str | Path) -> dict[str, int]:
+    """shard file name -> samples, from a sizes.json: local ({} if there is none) or at a URL or a pipe:
+    command's output (which must give one)."""
+    if not is_url(location) and not Path(location).exists():
+        return {}
+    try:
+        text = read_location(location).decode()
+    except (OSError, ValueError, ImportError) as e:
+        raise DataError(
+            f"{location} cannot be fetched ({type(e).__name__}: {e}): shards need their sizes.json beside them"
+        ) from None
     try:
         sizes = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f'{path} is not valid JSON ({e}); expected {{"<shard>.tar": <samples>, ...}}') from None
+        raise DataError(f'{location} is not valid JSON ({e}); expected {{"<shard>.tar": <samples>, ...}}') from None
     if not isinstance(sizes, dict) or not all(isinstance(v, int) for v in sizes.values()):
-        raise DataError(f'{path} must map shard file names to sample counts, e.g. {{"train-000000.tar": 1000}}')
+        raise DataError(f'{location} must map shard file names to sample counts, e.g. {{"train-000000.tar": 1000}}')
     return sizes
 
 

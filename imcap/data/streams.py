@@ -3,13 +3,16 @@
 Training, per epoch (every stage a pure function of seed, epoch, rank and worker):
 
     shard order(seed, epoch) -> this node's shards -> this worker's shards -> passes over them
-    (tar -> samples, counted against sizes.json -> shuffle buffer) -> decode + crop -> collate -> this
+    (shuffle order, drawn on positions -> the shards still due, fetched with retries and checked
+    against sizes.json -> in that order) -> decode + crop (an RNG per sample) -> collate -> this
     worker's batches of the epoch
 
 Every rank yields the same number of batches per epoch, computed from sizes.json, and each worker
 yields its share of them (a worker whose shards run out reads them again), so no rank waits for
-another at the end of an epoch. Resuming inside an epoch replays the same order and drops the
-batches already trained on. One loader runs through all of a run's epochs: its data workers start once.
+another at the end of an epoch. A batch says how far its worker's stream is read; resumed there, a
+worker draws the same order without reading anything, fetches only the shards that still hold
+samples due, and drops unread the trained samples they hold. One loader runs through all of a run's
+epochs: its data workers start once.
 
 Evaluation reads every shard of the split in order; each rank (and worker) keeps every
 (world * workers)-th sample, so the split is covered exactly once whatever its size.
@@ -21,19 +24,32 @@ import itertools
 import logging
 import random
 import signal
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from imcap.config import DataConfig
-from imcap.data.batch import Batch, Collate
+from imcap.data.batch import Batch, Collate, StreamPosition
 from imcap.data.samples import Sample, SampleError, decode_sample
-from imcap.data.shards import SIZES_FILE, DataError, read_samples, recorded_sizes, split_location
+from imcap.data.shards import (
+    SIZES_FILE,
+    DataError,
+    beside,
+    is_url,
+    known_sizes,
+    read_samples,
+    recorded_sizes,
+)
 
 log = logging.getLogger(__name__)
+
+Fetched = tuple[str, int, dict | None]  # (shard, index in it, raw sample or None where it could not be read)
+Raw = tuple[int, dict | None]  # (index in a stream, raw sample or None)
+Decoded = tuple[int, Sample, random.Random | None]  # (index in a stream, sample, the RNG of its crop and captions)
 
 
 @dataclass(frozen=True)
@@ -45,17 +61,12 @@ class Part:
 
 
 class SkipCounter:
-    """Samples dropped by the tar reader or by decoding, reported with the next batch; and samples
+    """Samples dropped (lost with their shard, or undecodable), reported with the next batch; and samples
     decoded, so that a pass over shards that yields none is told apart."""
 
     def __init__(self):
         self.skipped = 0
         self.decoded = 0
-
-    def handler(self, exn: Exception) -> bool:
-        self.skipped += 1
-        log.warning("skipping unreadable data: %s", exn)
-        return True
 
     def take(self) -> int:
         n, self.skipped = self.skipped, 0
@@ -65,57 +76,130 @@ class SkipCounter:
 # ------------------------------------------------------------------------------------------- stages
 
 
-def tar_samples(shards: list[str], counter: SkipCounter) -> Iterator[dict]:
-    """Raw samples of these shards, in order; an unreadable member or tar is skipped and counted."""
-    return read_samples(shards, handler=counter.handler)
+def fetched(shards: list[str], recorded: dict[str, int | None], attempts: int) -> Iterator[Fetched]:
+    """(shard, index in it, raw sample or None) for every sample of these shards, in order. A shard at a
+    URL that cannot be read to its end is read again, `attempts` times in all, from where it failed (a
+    dropped transfer, a server's 503); then each sample it has left is a None and a warning names the
+    shard. Read to its end, a shard must hold the samples sizes.json records (if it records them): epochs
+    are as long as sizes.json says, so a count too small would leave samples untrained every epoch, one
+    too large would repeat others."""
+    for shard in shards:
+        yield from _fetched_shard(shard, recorded[shard], attempts if is_url(shard) else 1)
 
 
-def as_recorded(samples: Iterator[dict], shards: list[str], recorded: dict[str, int]) -> Iterator[dict]:
-    """The samples of one pass over these shards, unchanged. Each shard, once read to its end, must have
-    held the samples sizes.json records for it: epochs are as long as sizes.json says, so a count too small
-    would leave samples untrained every epoch and one too large would repeat others."""
-    read = dict.fromkeys(shards, 0)
-    current = None
-    for sample in samples:
-        if sample["__url__"] != current:
-            if current is not None:  # the reader has moved on to the next shard: this one is done
-                _check_size(current, read[current], recorded[current])
-            current = sample["__url__"]
-        read[current] += 1
-        yield sample
-    for shard in shards:  # the last one, and any that yielded nothing
-        _check_size(shard, read[shard], recorded[shard])
+def _fetched_shard(shard: str, recorded: int | None, attempts: int) -> Iterator[Fetched]:
+    delivered = 0  # samples of the shard yielded so far, by this read or earlier ones
+    for attempt in range(1, attempts + 1):
+        failures = []
+        pending = None  # the last sample read: a transfer may have been cut inside it
+        samples = enumerate(read_samples([shard], handler=_collect(failures)))
+        for index, sample in samples:
+            if recorded is not None and index >= recorded:
+                _size_error(shard, recorded, index + 1 + sum(1 for _ in samples))
+            if pending is not None:
+                yield pending
+                delivered += 1
+            pending = (shard, index, sample) if index >= delivered else None
+        if not failures:
+            if pending is not None:
+                yield pending
+                delivered += 1
+            if recorded is not None and delivered != recorded:
+                _size_error(shard, recorded, delivered)
+            return
+        why = f"{type(failures[-1]).__name__}: {failures[-1].args[0] if failures[-1].args else ''}"
+        if attempt < attempts:
+            log.warning("reading %s failed after %d samples (%s): reading it again", shard, delivered, why)
+            time.sleep(0.5 * 2 ** (attempt - 1))
+    lost = "the rest" if recorded is None else f"{recorded - delivered} samples"
+    log.warning("skipping %s of %s: %d read(s) failed, the last with %s", lost, shard, attempts, why)
+    for index in range(delivered, recorded or delivered):
+        yield shard, index, None
 
 
-def _check_size(shard: str, read: int, recorded: int) -> None:
-    if read != recorded:
-        directory = split_location(shard)[0]
-        raise DataError(
-            f"{shard}: {directory}/{SIZES_FILE} records {recorded} samples, but reading it gave {read}, so every "
-            f"epoch would {'repeat samples' if read < recorded else 'leave samples untrained'}; count them again "
-            f"with `imcap shards check --fix-sizes {directory}` (it also names any it cannot read)"
-        )
+def _collect(failures: list[Exception]) -> Callable[[Exception], bool]:
+    """A webdataset handler that notes each failure and goes on (the reader then stops at a broken tar)."""
+    return lambda exn: failures.append(exn) or True
 
 
-def decoded(samples: Iterator[dict], decode: Callable[[dict], Sample], counter: SkipCounter) -> Iterator[Sample]:
-    """Decoded samples; one that cannot be used is skipped, counted and logged with its shard and key."""
-    for sample in samples:
+def _size_error(shard: str, recorded: int, read: int) -> None:
+    sizes = beside(shard, SIZES_FILE)
+    raise DataError(
+        f"{shard}: {sizes} records {recorded} samples, but reading it gave {read}, so every epoch would "
+        f"{'repeat samples' if read < recorded else 'leave samples untrained'}; count them again with "
+        f"`imcap shards check --fix-sizes` on a local copy (it also names any it cannot read)"
+    )
+
+
+@dataclass(frozen=True)
+class PassOrder:
+    """The order in which webdataset's shuffle buffer yields the samples of one pass over a worker's
+    shards, by their positions in the pass (its shards end to end), drawn with nothing read: the same draws
+    as shuffling the samples themselves."""
+
+    order: list[int]  # turn -> position
+    turn: list[int]  # position -> turn
+
+    @classmethod
+    def shuffled(cls, length: int, buffer: int, rng: random.Random) -> PassOrder:
+        order = list(wds.shuffle(buffer, initial=buffer, rng=rng)(iter(range(length))))
+        turn = [0] * length
+        for t, position in enumerate(order):
+            turn[position] = t
+        return cls(order, turn)
+
+    def any_due(self, positions: range, start: int) -> bool:
+        """Whether any of these positions has its turn at or after `start`."""
+        return max(self.turn[positions.start : positions.stop], default=-1) >= start
+
+
+def in_order(samples: Iterator[tuple[int, dict | None]], order: PassOrder, start: int) -> Iterator[Raw]:
+    """(turn, raw sample) for the samples (position, raw) whose turns are start, start + 1, ...: each is
+    held from when it is read until its turn, so no more are held than the shuffle buffer would hold; one
+    whose turn is before `start` (trained on before a resume) is dropped as it is read, not decoded."""
+    held = {}
+    for t in range(start, len(order.order)):
+        while order.order[t] not in held:  # every sample of a shard read arrives, a lost one as None
+            position, sample = next(samples)
+            if order.turn[position] >= start:
+                held[position] = sample
+        yield t, held.pop(order.order[t])
+
+
+def decoded(
+    samples: Iterator[Raw],
+    decode: Callable[[dict, random.Random | None], Sample],
+    rng_of: Callable[[int], random.Random | None],
+    counter: SkipCounter,
+) -> Iterator[Decoded]:
+    """(index, decoded sample, its RNG) for each (index, raw sample): the RNG, rng_of(index), places the
+    sample's crop and picks its captions, so that its draws do not depend on the samples before it. A
+    sample that cannot be used is skipped, counted and logged with its shard and key; a lost one (None)
+    is counted (fetched() logged it)."""
+    for index, sample in samples:
+        if sample is None:
+            counter.skipped += 1
+            continue
+        rng = rng_of(index)
         try:
-            decoded_sample = decode(sample)
+            decoded_sample = decode(sample, rng)
         except SampleError as e:
             counter.skipped += 1
             log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), e)
             continue
         counter.decoded += 1
-        yield decoded_sample
+        yield index, decoded_sample, rng
 
 
 def batched(
-    samples: Iterator[Sample], collate: Collate, batch_size: int, counter: SkipCounter, rng: random.Random | None
+    samples: Iterator[Decoded], collate: Collate, batch_size: int, counter: SkipCounter, worker: int | None = None
 ) -> Iterator[Batch]:
-    """Batches of batch_size samples (the last one may be short), each with the skips since the previous."""
+    """Batches of batch_size samples (the last one may be short), each with the skips since the previous
+    and, for a training worker's stream, how far the stream is read through its last sample."""
     for chunk in iter(lambda: list(itertools.islice(samples, batch_size)), []):
-        yield replace(collate(chunk, rng), skipped=counter.take())
+        indices, chunk_samples, rngs = zip(*chunk)
+        position = None if worker is None else StreamPosition(worker, indices[-1] + 1)
+        yield replace(collate(list(chunk_samples), list(rngs)), skipped=counter.take(), position=position)
 
 
 # ------------------------------------------------------------------------------------------- streams
@@ -125,7 +209,9 @@ def batched(
 class TrainStream(IterableDataset):
     """Exactly `num_batches` batches for this rank in each epoch of `epochs`, minus the `skip` of the
     first epoch already trained on. One loader serves every epoch, so its data workers start once per
-    run, not once per epoch."""
+    run, not once per epoch. Where each data worker resumes its stream of the first epoch is
+    `samples_read[worker]` (StreamPosition.samples_read of its last trained batch) when known, else
+    after `skip` batches' worth of samples."""
 
     shards: list[str]
     collate: Collate
@@ -135,49 +221,70 @@ class TrainStream(IterableDataset):
     epochs: range
     skip: int
     num_batches: int
+    samples_read: dict[int, int] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[Batch]:
         slot, workers = _worker()
         handed_out = 0
         for epoch in self.epochs:
+            first = epoch == self.epochs.start
             # resumed with fewer batches per epoch: nothing of this epoch is left
-            skip = min(self.skip, self.num_batches) if epoch == self.epochs.start else 0
+            skip = min(self.skip, self.num_batches) if first else 0
             # DataLoader takes its batch g from worker slot g % workers. Worker w of an epoch makes the
             # epoch's batches w, w + workers, ...; the epoch's batch `skip` is the loader's batch
             # `handed_out`, so slot s plays worker (s - handed_out + skip) % workers.
-            yield from self._epoch(epoch, skip, (slot - handed_out + skip) % workers, workers)
+            worker = (slot - handed_out + skip) % workers
+            done = len(range(worker, skip, workers))
+            start = self.samples_read.get(worker, done * self.cfg.batch_size) if first and done else 0
+            yield from self._epoch(epoch, worker, workers, done, start)
             handed_out += self.num_batches - skip
 
-    def _epoch(self, epoch: int, skip: int, worker: int, workers: int) -> Iterator[Batch]:
-        rng = _seeded(self.seed, epoch, self.part.rank, worker)
-        counter = SkipCounter()
-        crop_rng = rng if self.cfg.train_crop == "random" else None
-        jpeg_on_device = self.cfg.jpeg_decode == "device"
+    def _epoch(self, epoch: int, worker: int, workers: int, done: int, start: int) -> Iterator[Batch]:
+        """Worker `worker`'s batches of the epoch after the `done` it trained, its stream read from `start`."""
+        rank, counter = self.part.rank, SkipCounter()
         shards = list(self.shards)
         _seeded(self.seed, epoch).shuffle(shards)  # the same order on every rank
-        mine = shards[self.part.rank :: self.part.world_size][worker::workers]
-        samples = self._passes(mine, epoch, worker, rng, counter)
-        samples = decoded(samples, lambda s: decode_sample(s, self.cfg.image_size, crop_rng, jpeg_on_device), counter)
-        batches = batched(samples, self.collate, self.cfg.batch_size, counter, rng)
-        owed = len(range(worker, self.num_batches, workers))
-        done = len(range(worker, skip, workers))
-        return itertools.islice(batches, done, owed)
+        mine = shards[rank :: self.part.world_size][worker::workers]
+        crop, jpeg_on_device = self.cfg.train_crop == "random", self.cfg.jpeg_decode == "device"
 
-    def _passes(
-        self, shards: list[str], epoch: int, worker: int, rng: random.Random, counter: SkipCounter
-    ) -> Iterator[dict]:
-        """Passes over this worker's shards, each in a new order and through its own shuffle buffer,
-        for as long as the worker owes batches: a sample repeats within an epoch only when the worker's
-        shards hold fewer samples than its share of the epoch. Each shard read to its end is checked
-        against sizes.json."""
+        def decode(sample: dict, rng: random.Random) -> Sample:
+            return decode_sample(sample, self.cfg.image_size, rng if crop else None, jpeg_on_device)
+
+        def rng_of(index: int) -> random.Random:
+            return _seeded(self.seed, epoch, rank, worker, "sample", index)
+
+        samples = decoded(self._passes(mine, epoch, worker, start, counter), decode, rng_of, counter)
+        batches = batched(samples, self.collate, self.cfg.batch_size, counter, worker)
+        return itertools.islice(batches, len(range(worker, self.num_batches, workers)) - done)
+
+    def _passes(self, shards: list[str], epoch: int, worker: int, start: int, counter: SkipCounter) -> Iterator[Raw]:
+        """(index in this worker's stream of the epoch, raw sample or None) from `start` on: passes over the
+        worker's shards, each in a new order and through its own shuffle buffer, for as long as the worker
+        owes batches. A sample repeats within an epoch only when the worker's shards hold fewer samples
+        than its share of the epoch. Resumed, a pass wholly trained on is not read, and of the pass resumed
+        in only the shards that hold samples still to train on."""
+        recorded = recorded_sizes(shards)
+        length = sum(recorded.values())
         for repeat in itertools.count():
             if repeat:
                 _seeded(self.seed, epoch, self.part.rank, worker, repeat).shuffle(shards)
+            first = repeat * length  # the stream index of this pass's first sample
+            if first + length <= start:
+                continue
+            begin = max(0, start - first)
+            rng = _seeded(self.seed, epoch, self.part.rank, worker, "shuffle", repeat)
+            order = PassOrder.shuffled(length, self.cfg.shuffle_buffer, rng)
+            starts = itertools.accumulate((recorded[s] for s in shards), initial=0)
+            spans = {
+                s: range(first_position, first_position + recorded[s]) for s, first_position in zip(shards, starts)
+            }
+            needed = [s for s in shards if order.any_due(spans[s], begin)]
+            read = fetched(needed, recorded, self.cfg.read_attempts)
+            positions = ((spans[shard].start + index, sample) for shard, index, sample in read)
             decoded_before, skipped_before = counter.decoded, counter.skipped
-            buffer = self.cfg.shuffle_buffer
-            samples = as_recorded(tar_samples(shards, counter), shards, recorded_sizes(shards))
-            yield from wds.shuffle(buffer, initial=buffer, rng=rng)(samples)
-            if counter.decoded == decoded_before:  # every sample yielded has been decoded (or skipped) by now
+            for turn, sample in in_order(positions, order, begin):
+                yield first + turn, sample
+            if begin == 0 and counter.decoded == decoded_before:  # all it yielded is decoded (or skipped) by now
                 raise DataError(
                     f"no usable sample in {', '.join(shards)}: {counter.skipped - skipped_before} "
                     "skipped (the warnings above say why); remove or rebuild these shards"
@@ -194,15 +301,17 @@ class EvalStream(IterableDataset):
     batch_size: int
     image_size: int
     max_images: int = 0  # 0: every sample
+    read_attempts: int = 1  # of a shard at a URL (data.read_attempts)
 
     def __iter__(self) -> Iterator[Batch]:
         worker, workers = _worker()
         share, shares = self.part.rank * workers + worker, self.part.world_size * workers
         counter = SkipCounter()
-        samples = itertools.islice(tar_samples(self.shards, counter), self.max_images or None)
-        samples = (s for i, s in enumerate(samples) if i % shares == share)
-        samples = decoded(samples, lambda s: decode_sample(s, self.image_size, None), counter)
-        return batched(samples, self.collate, self.batch_size, counter, None)
+        samples = fetched(self.shards, known_sizes(self.shards), self.read_attempts)
+        samples = itertools.islice(enumerate(sample for _, _, sample in samples), self.max_images or None)
+        samples = ((i, s) for i, s in samples if i % shares == share)
+        samples = decoded(samples, lambda s, _: decode_sample(s, self.image_size, None), lambda _: None, counter)
+        return batched(samples, self.collate, self.batch_size, counter)
 
 
 def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, grad_accum_steps: int) -> int:

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from torch.utils.data import DataLoader
 from webdataset.handlers import reraise_exception
 
+from imcap.checkpoint import TrainState
 from imcap.config import Config
 from imcap.data import demo
 from imcap.data.batch import Collate
 from imcap.data.samples import SampleError, sample_captions
-from imcap.data.shards import count_samples, is_url, list_shards, member_key, read_samples, read_url
+from imcap.data.shards import beside, count_samples, list_shards, member_key, read_location, read_samples
 from imcap.data.streams import Part, TrainStream, train_loader
 from imcap.text import VOCAB_FILE, Vocabulary
 
@@ -37,9 +37,9 @@ class TrainingData:
         """Data workers per process: each needs shards of its own. The data order depends on it."""
         return min(self.cfg.data.num_workers, len(self.train_shards) // world_size)
 
-    def train_loader(self, part: Part, first_epoch: int, skip: int, num_batches: int) -> DataLoader:
-        """num_batches per epoch for this process, from first_epoch (less the `skip` already trained on of it)
-        to the last of train.epochs."""
+    def train_loader(self, part: Part, state: TrainState, num_batches: int) -> DataLoader:
+        """num_batches per epoch for this process, from the state's epoch (less the batches of it already
+        trained on, each data worker resuming where the state says) to the last of train.epochs."""
         configured, shards = self.cfg.data.num_workers, len(self.train_shards)
         workers = self.train_workers(part.world_size)
         if workers < configured:
@@ -52,9 +52,16 @@ class TrainingData:
                 part.world_size,
                 workers,
             )
-        epochs = range(first_epoch, self.cfg.train.epochs)
         stream = TrainStream(
-            self.train_shards, self.collate, self.cfg.data, self.cfg.train.seed, part, epochs, skip, num_batches
+            self.train_shards,
+            self.collate,
+            self.cfg.data,
+            self.cfg.train.seed,
+            part,
+            range(state.epoch, self.cfg.train.epochs),
+            state.batches_in_epoch,
+            num_batches,
+            state.samples_read,
         )
         return train_loader(stream, workers)
 
@@ -89,12 +96,16 @@ def _is_text(member: str) -> bool:
     return (member_key(member)[1] or "").lower() in ("json", "txt")
 
 
-def load_vocabulary(shards: str, train_shards: list[str], min_word_count: int) -> Vocabulary:
+def load_vocabulary(train_shards: list[str], min_word_count: int) -> Vocabulary:
     """The vocabulary saved beside the shards if it was built with this min_word_count; else built
     from the train split's captions (text members only, no image decoded)."""
-    vocab = _saved_vocabulary(shards)
-    if vocab is not None:
-        saved = f"{shards.rstrip('/')}/{VOCAB_FILE}"
+    saved = beside(train_shards[0], VOCAB_FILE)
+    try:
+        text = read_location(saved).decode()
+    except (OSError, ValueError):
+        text = None  # none saved: built below
+    if text is not None:
+        vocab = Vocabulary.from_json(text, source=saved)
         if vocab.min_word_count == min_word_count:
             return vocab
         log.info(
@@ -106,18 +117,6 @@ def load_vocabulary(shards: str, train_shards: list[str], min_word_count: int) -
     return Vocabulary.build(split_captions(train_shards), min_word_count)
 
 
-def _saved_vocabulary(shards: str) -> Vocabulary | None:
-    """The vocab.json beside the shards (a local directory, or a URL of one), if there is one."""
-    if is_url(shards):
-        try:
-            text = read_url(f"{shards.rstrip('/')}/{VOCAB_FILE}").decode()
-        except (OSError, ValueError):
-            return None
-        return Vocabulary.from_json(text, source=f"{shards.rstrip('/')}/{VOCAB_FILE}")
-    saved = Path(shards) / VOCAB_FILE
-    return Vocabulary.load(saved) if saved.exists() else None
-
-
 def prepare_data(cfg: Config, accelerator) -> TrainingData:
     """The run's splits and vocabulary; the demo set is built first where the config asks for it."""
     d = cfg.data
@@ -127,5 +126,5 @@ def prepare_data(cfg: Config, accelerator) -> TrainingData:
                 log.info("building the demo dataset in %s", d.shards)
                 demo.build_demo(d.shards, image_size=d.image_size, min_word_count=cfg.text.min_word_count)
     train_shards, val_shards = list_shards(d.shards, d.train_split), list_shards(d.shards, d.val_split)
-    vocab = load_vocabulary(d.shards, train_shards, cfg.text.min_word_count)
+    vocab = load_vocabulary(train_shards, cfg.text.min_word_count)
     return TrainingData(cfg, vocab, train_shards, val_shards, count_samples(train_shards))
