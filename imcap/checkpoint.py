@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from imcap.config import CheckpointConfig, Config, save_config
+from imcap.data.streams import DATA_ORDER
 from imcap.errors import ImcapError
 from imcap.text import Vocabulary
 
@@ -148,7 +149,12 @@ class Checkpointer:
         for name in files:
             fsync(tmp / name)
         shared = {k: v for k, v in asdict(state).items() if k != "samples_read"}  # each rank's is in its own file
-        meta = {**shared, "world_size": self.acc.num_processes, "batch_size": self.cfg.data.batch_size}
+        meta = {
+            **shared,
+            "world_size": self.acc.num_processes,
+            "batch_size": self.cfg.data.batch_size,
+            "data_order": DATA_ORDER,
+        }
         with open(tmp / STATE, "w") as f:
             f.write(json.dumps({**meta, "files": files}))
             f.flush()

@@ -28,6 +28,7 @@ from imcap.checkpoint import (
     read_best,
 )
 from imcap.config import Config
+from imcap.data.streams import DATA_ORDER
 from imcap.distributed import broadcast_object
 from imcap.text import Vocabulary
 
@@ -225,6 +226,7 @@ def resume_position(meta: dict, reader: EpochReader, checkpoint: Path) -> tuple[
         f"{meta.get('data_workers')} data workers each, in batches of {meta['batch_size']}: {trained} of the epoch's "
         f"samples were trained. This run has {reader.world_size} with {reader.data_workers}, in batches of "
         f"{reader.batch_size}, and reads the epoch in another order"
+        + ("" if meta.get("data_order", 1) == DATA_ORDER else " (this version of imcap orders an epoch otherwise)")
     )
     if skip >= reader.epoch_batches:
         log.warning(
@@ -257,9 +259,11 @@ def _batch_size_in_config(path: Path) -> int:
 
 def _order_differs(meta: dict, reader: EpochReader) -> bool:
     """Whether this run reads an epoch in another order than the run that saved `meta`: another world
-    size or batch size, or another number of data streams per process (its workers; without workers,
-    the process)."""
+    size or batch size, another number of data streams per process (its workers; without workers, the
+    process), or another version of the order (DATA_ORDER; 1 before checkpoints recorded it)."""
     if meta["world_size"] != reader.world_size or meta["batch_size"] != reader.batch_size:
+        return True
+    if meta.get("data_order", 1) != DATA_ORDER:
         return True
     saved = meta.get("data_workers")  # absent from checkpoints of earlier versions: unknown
     return saved is not None and max(1, saved) != max(1, reader.data_workers or 0)

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from imcap.checkpoint import CheckpointError, latest_checkpoint, read_best
 from imcap.config import ConfigError, load_config
+from imcap.data.streams import DATA_ORDER
 from imcap.distributed import EXIT_PREEMPTED, Preempted
 from imcap.resume import (
     EpochReader,
@@ -282,7 +283,12 @@ def test_resumed_mid_epoch_on_more_processes_the_epoch_is_finished_saying_how_ma
 def test_the_place_in_an_epoch_read_another_way_is_where_as_many_samples_were_trained(caplog):
     """Saved 3 batches of 8 into the epoch on each of 2 processes: 48 samples trained."""
     saved = {"step": 5, "epoch": 0, "batches_in_epoch": 3, "world_size": 2, "data_workers": 2, "batch_size": 8}
+    saved["data_order"] = DATA_ORDER
     assert resume_position(saved, EpochReader(2, 2, 8, 6), Path("c")) == (0, 3) and not caplog.text  # as saved
+    older = {k: v for k, v in saved.items() if k != "data_order"}  # saved by a version with another order
+    assert resume_position(older, EpochReader(2, 2, 8, 6), Path("c")) == (0, 3)
+    assert "(this version of imcap orders an epoch otherwise)" in caplog.text
+    caplog.clear()
     assert resume_position(saved, EpochReader(1, 0, 8, 12), Path("c")) == (0, 6)  # 6 x 8
     assert "trained on 96 samples where an uninterrupted one has 96" in caplog.text
     assert resume_position(saved, EpochReader(1, 0, 16, 6), Path("c")) == (0, 3)  # 3 x 16

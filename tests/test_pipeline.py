@@ -380,6 +380,17 @@ def test_a_local_shard_cut_short_keeps_the_samples_before_the_cut_and_skips_and_
     assert f"skipping {12 - len(kept)} samples of {cut}: 1 read(s) failed" in caplog.text
 
 
+def test_a_shard_listed_twice_is_read_twice_and_shards_of_no_samples_are_an_error_not_a_hang(demo_shards, tmp_path):
+    shards, collate = list_shards(str(demo_shards), "train")[:2], demo_collate(demo_shards)
+    kw = {**TRAIN_LOADER, "num_batches": 12, "num_workers": 0}
+    twice = Counter(i for b in make_train_loader(shards * 2, collate, **kw) for i in b.image_ids)
+    assert set(twice.values()) == {2} and len(twice) == 24
+    (tmp_path / "train-000000.tar").write_bytes(b"")
+    (tmp_path / "sizes.json").write_text('{"train-000000.tar": 0}')
+    with pytest.raises(DataError, match="no samples in .*train-000000.tar: sizes.json records none"):
+        list(make_train_loader(list_shards(str(tmp_path), "train"), collate, **kw))
+
+
 @pytest.mark.parametrize("workers", [0, 2, 3])
 def test_one_loader_through_several_epochs_yields_each_epoch_as_its_own_loader_would(demo_shards, workers):
     """The trainer's loader runs through all epochs (its workers start once); resumed mid-epoch, it

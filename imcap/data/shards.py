@@ -8,6 +8,7 @@ import io
 import json
 import os
 import posixpath
+import shlex
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -42,7 +43,8 @@ def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_):
 
 
 # The schemes webdataset's gopen has no handler for (s3://, az:// ...) are opened by fsspec, with the package
-# fsspec names for each (s3fs for s3://); gopen keeps its own (curl for http(s)://, gsutil for gs://, pipe:).
+# fsspec names for each (s3fs for s3://); gopen keeps its own (curl for http(s)://, gsutil for gs://, hf://,
+# pipe:, ...).
 for _protocol in fsspec.available_protocols():
     gopen_schemes.setdefault(_protocol, _fsspec_gopen)
 
@@ -58,7 +60,8 @@ def read_location(location: str | Path) -> bytes:
 def shard_file_name(shard: str) -> str:
     """A shard's file name: the last part of its path or URL, or of a pipe: command's word naming the .tar."""
     if shard.startswith("pipe:"):
-        return posixpath.basename(next((w for w in reversed(shard.split()) if w.endswith(".tar")), shard))
+        words = shlex.split(shard[len("pipe:") :])
+        return posixpath.basename(next((w for w in reversed(words) if w.endswith(".tar")), shard))
     return posixpath.basename(shard)
 
 
@@ -146,9 +149,18 @@ def read_shard(shard: str, errors: list[str]) -> Iterator[dict]:
     cannot be read to its end, why goes into errors (webdataset reports one failure at several levels;
     the outermost says it best)."""
     failures = []
-    yield from read_samples([shard], handler=lambda exn: failures.append(exn) or True)
+    yield from read_samples([shard], handler=collecting(failures))
     if failures:
-        errors.append(f"{type(failures[-1]).__name__}: {failures[-1].args[0]}")
+        errors.append(failure_reason(failures[-1]))
+
+
+def collecting(failures: list[Exception]) -> Callable[[Exception], bool]:
+    """A webdataset handler that notes each failure and goes on (the reader then stops at a broken tar)."""
+    return lambda exn: failures.append(exn) or True
+
+
+def failure_reason(exn: Exception) -> str:
+    return f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}"
 
 
 def shard_name(split: str, index: int) -> str:
@@ -245,8 +257,7 @@ def write_split(samples: Iterable[dict], out_dir: str | Path, split: str, max_sa
 
 def read_sizes(shard_dir: str | Path) -> dict[str, int]:
     """The sizes.json of a shard directory, local ({} if it has none) or at a URL (which must have one)."""
-    location = f"{str(shard_dir).rstrip('/')}/{SIZES_FILE}" if is_url(shard_dir) else Path(shard_dir) / SIZES_FILE
-    return read_sizes_file(location)
+    return read_sizes_file(beside(f"{str(shard_dir).rstrip('/')}/", SIZES_FILE))
 
 
 def read_sizes_file(location: str | Path) -> dict[str, int]:

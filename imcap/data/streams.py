@@ -11,7 +11,7 @@ Every rank yields the same number of batches per epoch, computed from sizes.json
 yields its share of them (a worker whose shards run out reads them again), so no rank waits for
 another at the end of an epoch. A batch says how far its worker's stream is read; resumed there, a
 worker draws the same order without reading anything, fetches only the shards that still hold
-samples due, and drops unread the trained samples they hold. One loader runs through all of a run's
+samples due, and drops the trained samples they hold as they are read, undecoded. One loader runs through all of a run's
 epochs: its data workers start once.
 
 Evaluation reads every shard of the split in order; each rank (and worker) keeps every
@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -39,6 +40,8 @@ from imcap.data.shards import (
     SIZES_FILE,
     DataError,
     beside,
+    collecting,
+    failure_reason,
     is_url,
     known_sizes,
     read_samples,
@@ -46,6 +49,10 @@ from imcap.data.shards import (
 )
 
 log = logging.getLogger(__name__)
+
+# The version of an epoch's order, saved in checkpoints: a run resumed from a checkpoint of another version
+# cannot continue its epoch exactly. 2: shuffles drawn on positions, a random generator per sample.
+DATA_ORDER = 2
 
 Fetched = tuple[str, int, dict | None]  # (shard, index in it, raw sample or None where it could not be read)
 Raw = tuple[int, dict | None]  # (index in a stream, raw sample or None)
@@ -78,9 +85,10 @@ class SkipCounter:
 
 def fetched(shards: list[str], recorded: dict[str, int | None], attempts: int) -> Iterator[Fetched]:
     """(shard, index in it, raw sample or None) for every sample of these shards, in order. A shard at a
-    URL that cannot be read to its end is read again, `attempts` times in all, from where it failed (a
-    dropped transfer, a server's 503); then each sample it has left is a None and a warning names the
-    shard. Read to its end, a shard must hold the samples sizes.json records (if it records them): epochs
+    URL that cannot be read to its end (a dropped transfer, a server's 503) is read again from its start,
+    `attempts` times in all, and what an earlier read delivered is dropped; then each sample it has left
+    is a None and a warning names the shard. The last sample before a failure is read again: the cut
+    may have split it. Read to its end, a shard must hold the samples sizes.json records (if it records them): epochs
     are as long as sizes.json says, so a count too small would leave samples untrained every epoch, one
     too large would repeat others."""
     for shard in shards:
@@ -92,7 +100,7 @@ def _fetched_shard(shard: str, recorded: int | None, attempts: int) -> Iterator[
     for attempt in range(1, attempts + 1):
         failures = []
         pending = None  # the last sample read: a transfer may have been cut inside it
-        samples = enumerate(read_samples([shard], handler=_collect(failures)))
+        samples = enumerate(read_samples([shard], handler=collecting(failures)))
         for index, sample in samples:
             if recorded is not None and index >= recorded:
                 _size_error(shard, recorded, index + 1 + sum(1 for _ in samples))
@@ -104,10 +112,12 @@ def _fetched_shard(shard: str, recorded: int | None, attempts: int) -> Iterator[
             if pending is not None:
                 yield pending
                 delivered += 1
-            if recorded is not None and delivered != recorded:
+            if recorded is None or delivered == recorded:
+                return
+            if attempt == attempts:  # read as often as asked, it holds fewer: sizes.json or a cut at a header
                 _size_error(shard, recorded, delivered)
-            return
-        why = f"{type(failures[-1]).__name__}: {failures[-1].args[0] if failures[-1].args else ''}"
+            failures.append(DataError(f"the tar ended after {delivered} of {recorded} samples"))
+        why = failure_reason(failures[-1])
         if attempt < attempts:
             log.warning("reading %s failed after %d samples (%s): reading it again", shard, delivered, why)
             time.sleep(0.5 * 2 ** (attempt - 1))
@@ -117,17 +127,14 @@ def _fetched_shard(shard: str, recorded: int | None, attempts: int) -> Iterator[
         yield shard, index, None
 
 
-def _collect(failures: list[Exception]) -> Callable[[Exception], bool]:
-    """A webdataset handler that notes each failure and goes on (the reader then stops at a broken tar)."""
-    return lambda exn: failures.append(exn) or True
-
-
 def _size_error(shard: str, recorded: int, read: int) -> None:
     sizes = beside(shard, SIZES_FILE)
     raise DataError(
-        f"{shard}: {sizes} records {recorded} samples, but reading it gave {read}, so every epoch would "
-        f"{'repeat samples' if read < recorded else 'leave samples untrained'}; count them again with "
-        f"`imcap shards check --fix-sizes` on a local copy (it also names any it cannot read)"
+        f"{shard}: {sizes} records {recorded} samples, but reading it gave {read}"
+        f"{' (or the shard is cut short)' if read < recorded else ''}, so every epoch would "
+        f"{'repeat samples' if read < recorded else 'leave samples untrained'} and an evaluation would count "
+        "wrong; count them again with `imcap shards check --fix-sizes` on a local copy (it also names any it "
+        "cannot read)"
     )
 
 
@@ -137,20 +144,19 @@ class PassOrder:
     shards, by their positions in the pass (its shards end to end), drawn with nothing read: the same draws
     as shuffling the samples themselves."""
 
-    order: list[int]  # turn -> position
-    turn: list[int]  # position -> turn
+    order: np.ndarray  # (n,) int64: turn -> position
+    turn: np.ndarray  # (n,) int64: position -> turn
 
     @classmethod
     def shuffled(cls, length: int, buffer: int, rng: random.Random) -> PassOrder:
-        order = list(wds.shuffle(buffer, initial=buffer, rng=rng)(iter(range(length))))
-        turn = [0] * length
-        for t, position in enumerate(order):
-            turn[position] = t
+        order = np.fromiter(wds.shuffle(buffer, initial=buffer, rng=rng)(iter(range(length))), np.int64, length)
+        turn = np.empty_like(order)
+        turn[order] = np.arange(length)
         return cls(order, turn)
 
     def any_due(self, positions: range, start: int) -> bool:
         """Whether any of these positions has its turn at or after `start`."""
-        return max(self.turn[positions.start : positions.stop], default=-1) >= start
+        return len(positions) > 0 and int(self.turn[positions.start : positions.stop].max()) >= start
 
 
 def in_order(samples: Iterator[tuple[int, dict | None]], order: PassOrder, start: int) -> Iterator[Raw]:
@@ -158,12 +164,14 @@ def in_order(samples: Iterator[tuple[int, dict | None]], order: PassOrder, start
     held from when it is read until its turn, so no more are held than the shuffle buffer would hold; one
     whose turn is before `start` (trained on before a resume) is dropped as it is read, not decoded."""
     held = {}
-    for t in range(start, len(order.order)):
-        while order.order[t] not in held:  # every sample of a shard read arrives, a lost one as None
-            position, sample = next(samples)
+    for t, wanted in enumerate(order.order[start:].tolist(), start):
+        while wanted not in held:  # every sample of a shard read arrives, a lost one as None
+            position, sample = next(samples, (None, None))
+            if position is None:
+                raise DataError(f"sample {wanted} of a pass over shards never arrived: a bug, please report it")
             if order.turn[position] >= start:
                 held[position] = sample
-        yield t, held.pop(order.order[t])
+        yield t, held.pop(wanted)
 
 
 def decoded(
@@ -225,6 +233,7 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         slot, workers = _worker()
+        recorded = recorded_sizes(self.shards)  # once per worker and run, not per epoch
         handed_out = 0
         for epoch in self.epochs:
             first = epoch == self.epochs.start
@@ -236,10 +245,12 @@ class TrainStream(IterableDataset):
             worker = (slot - handed_out + skip) % workers
             done = len(range(worker, skip, workers))
             start = self.samples_read.get(worker, done * self.cfg.batch_size) if first and done else 0
-            yield from self._epoch(epoch, worker, workers, done, start)
+            yield from self._epoch(recorded, epoch, worker, workers, done, start)
             handed_out += self.num_batches - skip
 
-    def _epoch(self, epoch: int, worker: int, workers: int, done: int, start: int) -> Iterator[Batch]:
+    def _epoch(
+        self, recorded: dict[str, int], epoch: int, worker: int, workers: int, done: int, start: int
+    ) -> Iterator[Batch]:
         """Worker `worker`'s batches of the epoch after the `done` it trained, its stream read from `start`."""
         rank, counter = self.part.rank, SkipCounter()
         shards = list(self.shards)
@@ -253,18 +264,21 @@ class TrainStream(IterableDataset):
         def rng_of(index: int) -> random.Random:
             return _seeded(self.seed, epoch, rank, worker, "sample", index)
 
-        samples = decoded(self._passes(mine, epoch, worker, start, counter), decode, rng_of, counter)
+        samples = decoded(self._passes(mine, recorded, epoch, worker, start, counter), decode, rng_of, counter)
         batches = batched(samples, self.collate, self.cfg.batch_size, counter, worker)
         return itertools.islice(batches, len(range(worker, self.num_batches, workers)) - done)
 
-    def _passes(self, shards: list[str], epoch: int, worker: int, start: int, counter: SkipCounter) -> Iterator[Raw]:
+    def _passes(
+        self, shards: list[str], recorded: dict[str, int], epoch: int, worker: int, start: int, counter: SkipCounter
+    ) -> Iterator[Raw]:
         """(index in this worker's stream of the epoch, raw sample or None) from `start` on: passes over the
         worker's shards, each in a new order and through its own shuffle buffer, for as long as the worker
         owes batches. A sample repeats within an epoch only when the worker's shards hold fewer samples
         than its share of the epoch. Resumed, a pass wholly trained on is not read, and of the pass resumed
         in only the shards that hold samples still to train on."""
-        recorded = recorded_sizes(shards)
-        length = sum(recorded.values())
+        length = sum(recorded[s] for s in shards)
+        if length == 0:
+            raise DataError(f"no samples in {', '.join(shards)}: {SIZES_FILE} records none; remove these shards")
         for repeat in itertools.count():
             if repeat:
                 _seeded(self.seed, epoch, self.part.rank, worker, repeat).shuffle(shards)
@@ -275,12 +289,13 @@ class TrainStream(IterableDataset):
             rng = _seeded(self.seed, epoch, self.part.rank, worker, "shuffle", repeat)
             order = PassOrder.shuffled(length, self.cfg.shuffle_buffer, rng)
             starts = itertools.accumulate((recorded[s] for s in shards), initial=0)
-            spans = {
-                s: range(first_position, first_position + recorded[s]) for s, first_position in zip(shards, starts)
-            }
-            needed = [s for s in shards if order.any_due(spans[s], begin)]
-            read = fetched(needed, recorded, self.cfg.read_attempts)
-            positions = ((spans[shard].start + index, sample) for shard, index, sample in read)
+            spans = [range(at, at + recorded[s]) for s, at in zip(shards, starts)]  # by index: a shard may repeat
+            needed = [i for i, span in enumerate(spans) if order.any_due(span, begin)]
+            positions = (
+                (spans[i].start + index, sample)
+                for i in needed
+                for _, index, sample in fetched([shards[i]], recorded, self.cfg.read_attempts)
+            )
             decoded_before, skipped_before = counter.decoded, counter.skipped
             for turn, sample in in_order(positions, order, begin):
                 yield first + turn, sample

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch.utils.data import DataLoader
 from webdataset.handlers import reraise_exception
@@ -14,7 +15,7 @@ from imcap.config import Config
 from imcap.data import demo
 from imcap.data.batch import Collate
 from imcap.data.samples import SampleError, sample_captions
-from imcap.data.shards import beside, count_samples, list_shards, member_key, read_location, read_samples
+from imcap.data.shards import beside, count_samples, is_url, list_shards, member_key, read_location, read_samples
 from imcap.data.streams import Part, TrainStream, train_loader
 from imcap.text import VOCAB_FILE, Vocabulary
 
@@ -61,7 +62,7 @@ class TrainingData:
             range(state.epoch, self.cfg.train.epochs),
             state.batches_in_epoch,
             num_batches,
-            state.samples_read,
+            dict(state.samples_read),
         )
         return train_loader(stream, workers)
 
@@ -100,12 +101,8 @@ def load_vocabulary(train_shards: list[str], min_word_count: int) -> Vocabulary:
     """The vocabulary saved beside the shards if it was built with this min_word_count; else built
     from the train split's captions (text members only, no image decoded)."""
     saved = beside(train_shards[0], VOCAB_FILE)
-    try:
-        text = read_location(saved).decode()
-    except (OSError, ValueError):
-        text = None  # none saved: built below
-    if text is not None:
-        vocab = Vocabulary.from_json(text, source=saved)
+    vocab = _saved_vocabulary(saved)
+    if vocab is not None:
         if vocab.min_word_count == min_word_count:
             return vocab
         log.info(
@@ -115,6 +112,18 @@ def load_vocabulary(train_shards: list[str], min_word_count: int) -> Vocabulary:
             min_word_count,
         )
     return Vocabulary.build(split_captions(train_shards), min_word_count)
+
+
+def _saved_vocabulary(saved: str) -> Vocabulary | None:
+    """The vocab.json at `saved`, if there is one: on a local disk, if the file exists; at a URL, if it
+    can be fetched (a server cannot tell "none" apart from other failures, so the log says which it was)."""
+    if not is_url(saved):
+        return Vocabulary.load(Path(saved)) if Path(saved).exists() else None
+    try:
+        return Vocabulary.from_json(read_location(saved).decode(), source=saved)
+    except OSError as e:
+        log.info("no vocabulary read from %s (%s): building it from the train split", saved, e)
+        return None
 
 
 def prepare_data(cfg: Config, accelerator) -> TrainingData:
