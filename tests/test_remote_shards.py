@@ -3,7 +3,10 @@ streams, through webdataset's gopen (curl), as a local run reads them; what a mi
 transfer and a server that is down give; a resumed stream fetches only the shards it still needs. Shards
 in S3 (moto's server on loopback, through fsspec's s3fs) and from pipe: commands stream as from disk."""
 
+import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -44,7 +47,7 @@ def tiny_run(shards, runs, *extra):
 def test_two_processes_streaming_their_shards_over_http_train_bitwise_as_two_reading_them_from_disk(
     demo_shards, tmp_path, serve
 ):
-    url, _ = serve(demo_shards)
+    url, server = serve(demo_shards)
     assert list_shards(url, "train") == [f"{url}/{p.rsplit('/', 1)[1]}" for p in list_shards(str(demo_shards), "train")]
     assert count_samples(list_shards(url, "train")) == 96
     for name, shards in (("local", demo_shards), ("remote", url)):
@@ -59,6 +62,24 @@ def test_two_processes_streaming_their_shards_over_http_train_bitwise_as_two_rea
     local, remote = (logged(tmp_path / run / "tiny", "val_loss")[-1] for run in ("local", "remote"))
     local.pop("eval_seconds"), remote.pop("eval_seconds")
     assert remote == local and local["images"] == 32  # the evaluation read every val image over http too
+    # `imcap eval --shards URL`, as a user scores a run (trained from disk) on shards a server holds
+    scored = {}
+    for name, shards in (("local", demo_shards), ("remote", url)):
+        server.requests.clear()
+        argv = [
+            "eval",
+            str(tmp_path / "local" / "tiny"),
+            "--shards",
+            str(shards),
+            "--cpu",
+            "--out",
+            str(tmp_path / name),
+        ]
+        assert subprocess.run([sys.executable, "-m", "imcap.cli", *argv], cwd=ROOT, capture_output=True).returncode == 0
+        scored[name] = json.loads((tmp_path / name / "scores.json").read_text())
+        scored[name].pop("eval_seconds", None)
+        assert (server.requests["val-000000.tar"] > 0) == (name == "remote")
+    assert scored["remote"] == scored["local"] and scored["local"]["images"] == 32
 
 
 def test_a_shard_the_server_does_not_have_is_read_again_then_skipped_and_counted_naming_its_url(
