@@ -10,8 +10,10 @@ Both steps train the same weights and are timed in the same run, alternating, so
 measured under the same conditions. Both train the same `--batch` caption samples (image-caption
 pairs) a step: batch/k images with k captions each, which the reference trains as rows of one image
 and one caption (each image repeated for its k captions) and imcap with one encoder pass per image.
-Rates are caption samples per second. Modes: the encoder frozen or its layer4 trained, and imcap
-reading cached encoder features (`imcap features build`) instead of images. With --e2e the batches
+Rates are caption samples per second, and the step's arithmetic rate (its FLOPs, counted once by torch's
+FlopCounterMode, over its time). Modes: the encoder frozen or its layer4 trained; imcap with the static-shape
+step (train.static_shapes: every caption at every step, masked), and imcap reading cached encoder
+features (`imcap features build`) instead of images. With --e2e the batches
 come from JPEG shards in memory (/dev/shm) through imcap's own data path, decoded by data workers or
 (--decode device) on the device.
 """
@@ -19,6 +21,7 @@ come from JPEG shards in memory (/dev/shm) through imcap's own data path, decode
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import sys
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reference import ReferenceCaptioner  # noqa: E402
@@ -83,6 +87,12 @@ class Step:
     def __init__(self, name, model, inputs, batches, args, device, optimizer):
         self.name, self.model, self.inputs, self.batches, self.optimizer = name, model, inputs, batches, optimizer
         self.args, self.device, self.seconds, self.steps, self.done, self.waited = args, device, 0.0, 0, 0, 0.0
+        self.flops = 0  # of one step, forward and backward
+
+    def count_flops(self) -> None:
+        with FlopCounterMode(display=False) as counter:
+            self.run(timed=False)
+        self.flops = counter.get_total_flops()
 
     def run(self, timed: bool) -> None:
         start = time.perf_counter()
@@ -107,6 +117,10 @@ class Step:
     def rate(self) -> float:
         return self.done / self.seconds
 
+    @property
+    def tflops(self) -> float:
+        return self.flops * self.steps / self.seconds / 1e12
+
 
 def compare(args, device, train_layer4: bool, reference_batches, imcap_batches) -> list[Step]:
     fast, reference = models(args, train_layer4, device)
@@ -115,11 +129,23 @@ def compare(args, device, train_layer4: bool, reference_batches, imcap_batches) 
         cached = fast.encoder.frozen_features(next(on_device)[0]).to(torch.bfloat16)  # what a feature cache holds
     plain = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-4)
     ours, _ = make_optimizer(fast, load_config(None, ["train.lr=1e-4"]), 1)  # imcap's own parameter groups
+    static = copy.deepcopy(fast)
+    static.static_shapes = True
+    ours_static, _ = make_optimizer(static, load_config(None, ["train.lr=1e-4"]), 1)
     steps = [
         Step(
             "reference", reference, lambda images, captions: (images, captions), reference_batches, args, device, plain
         ),
         Step("imcap", fast, lambda images, captions: (captions, Images(images)), imcap_batches, args, device, ours),
+        Step(
+            "imcap, static shapes",
+            static,
+            lambda images, captions: (captions, Images(images)),
+            imcap_batches,
+            args,
+            device,
+            ours_static,
+        ),
         Step(
             "imcap, cached features",
             fast,
@@ -133,6 +159,7 @@ def compare(args, device, train_layer4: bool, reference_batches, imcap_batches) 
     for step in steps:  # warm up (and compile) outside the timing
         for _ in range(2):
             step.run(timed=False)
+        step.count_flops()
     deadline = time.perf_counter() + args.seconds * len(steps)
     while time.perf_counter() < deadline or min(s.steps for s in steps) < BLOCK:
         for step in steps:  # alternate, so the same machine conditions fall on every kind of step;
@@ -289,8 +316,10 @@ def main():
             args, device, mode == "layer4", batches(args.batch // args.captions), batches(args.batch // args.captions)
         )
         print(
-            f"{mode:7s} reference {reference.rate:10.1f} caption-samples/s | "
-            + " | ".join(f"{s.name} {s.rate:10.1f} ({s.rate / reference.rate:.2f}x)" for s in ours),
+            f"{mode:7s} reference {reference.rate:10.1f} caption-samples/s, {reference.tflops:.3f} TFLOP/s | "
+            + " | ".join(
+                f"{s.name} {s.rate:10.1f} ({s.rate / reference.rate:.2f}x), {s.tflops:.3f} TFLOP/s" for s in ours
+            ),
             flush=True,
         )
         if shard_dir:  # where the time of an end-to-end step goes

@@ -97,6 +97,9 @@ class TrainConfig:
     seed: int = 0  # seeds the initial weights and the data order of every epoch
     log_every: int = 10  # log the training values every this many optimizer steps
     compile: bool = False  # torch.compile the decoder step (slower than eager on an H200: bench/RESULTS.md)
+    # every caption at every step of the padded length, masked, instead of a batch that shrinks as captions
+    # end: the same loss and gradients, with no wait for the device and one shape per batch shape
+    static_shapes: bool = False
     preemption_signal: str = "SIGUSR1"  # this signal, like SIGTERM, makes training save a checkpoint and exit 75
     # what training minimises: cross-entropy (with the attention penalty), or self-critical training on CIDEr-D
     objective: Literal["xent", "scst"] = "xent"

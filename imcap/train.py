@@ -184,8 +184,9 @@ def restore(
 def prepare_model(model: Captioner, optimizer, cfg: Config, acc: Accelerator):
     """The model and optimizer as Accelerate wraps them for DDP and mixed precision (not the loader: the
     streams split the shards themselves); the decoder step compiled where the config asks."""
-    if cfg.train.compile:  # the recurrence's step is where the time goes; its batch shrinks: dynamic shapes
-        model.decoder.step = torch.compile(model.decoder.step, dynamic=True)
+    model.static_shapes = cfg.train.static_shapes
+    if cfg.train.compile:  # the recurrence's step is where the time goes; its batch may shrink: dynamic shapes
+        model.decoder.step = torch.compile(model.decoder.step, dynamic=not cfg.train.static_shapes)
     return acc.prepare(model, optimizer)
 
 

@@ -96,9 +96,21 @@ def test_kill_9_at_a_named_point_then_resume_gives_bitwise_the_weights_of_an_uni
     demo_shards, tmp_path, uninterrupted, serve, point, shards
 ):
     """The uninterrupted run reads its shards from disk; one over http reads the same (test_remote_shards)."""
-    fault, resumed_at = KILL_POINTS[point]
     location = serve(demo_shards)[0] if shards == "over http" else demo_shards
-    interrupted = exact_overrides(location, tmp_path, "run_name=interrupted")
+    kill_resume_and_compare(exact_overrides(location, tmp_path, "run_name=interrupted"), tmp_path, uninterrupted, point)
+
+
+def test_a_static_shape_run_killed_mid_epoch_resumes_bitwise(demo_shards, tmp_path):
+    static = ("train.static_shapes=true",)
+    assert wait_all(start_ranks(exact_overrides(demo_shards, tmp_path, "run_name=reference", *static))) == [0, 0]
+    interrupted = exact_overrides(demo_shards, tmp_path, "run_name=interrupted", *static)
+    kill_resume_and_compare(interrupted, tmp_path, tmp_path / "reference", "mid-epoch")
+
+
+def kill_resume_and_compare(interrupted: list[str], tmp_path: Path, uninterrupted: Path, point: str) -> None:
+    """Kill the run of `interrupted` with kill -9 at a KILL_POINT, resume it, and compare its weights and
+    log after the resume with those of the uninterrupted run."""
+    fault, resumed_at = KILL_POINTS[point]
     run = tmp_path / "interrupted"
     procs = start_ranks(interrupted, log=tmp_path / "log", command=stopping_at(fault))
     wait_for(lambda: all(stopped(p) for p in procs), procs)

@@ -11,6 +11,7 @@ from helpers import ROOT
 from imcap.config import load_config
 from imcap.data.batch import CachedFeatures, Images
 from imcap.model import Captioner, caption_loss
+from imcap.model.decoding import greedy_decode
 
 sys.path.insert(0, str(ROOT / "bench"))
 from reference import ReferenceCaptioner  # noqa: E402
@@ -87,3 +88,39 @@ def test_cached_feature_step_equals_the_straightforward_step(train_layer4):
     assert fast_loss == pytest.approx(ref_loss, rel=1e-12)
     for name in fast_grads:
         assert torch.allclose(fast_grads[name], ref_grads[name], rtol=1e-7, atol=1e-10), name
+
+
+@pytest.mark.parametrize("train_layer4, dropout", [(False, 0.0), (True, 0.0), (False, 0.5)])
+def test_static_shape_step_equals_the_shrinking_step_and_the_straightforward_step(train_layer4, dropout):
+    """Every caption at every step, masked after its end: the same loss and gradients. With dropout, the
+    same masks fall on the same captions (both run longest first), so the two imcap steps still agree."""
+    fast, reference = models(train_layer4)
+    fast.decoder.dropout.p = dropout
+    images, captions = batch()
+    assert fast.decoder.schedule(captions, 0, static=True).runs == [(12, 8)]
+    results = {}
+    for static in (False, True):
+        fast.static_shapes = static
+        torch.manual_seed(5)
+        results[static] = loss_and_grads(fast, captions, Images(images), captions=captions)
+    if not dropout:
+        results["reference"] = loss_and_grads(reference, images, captions, captions=captions)
+    loss, grads = results[True]
+    for other_loss, other_grads in (results[k] for k in results if k is not True):
+        assert loss == pytest.approx(other_loss, rel=1e-12)
+        for name in grads:
+            assert torch.allclose(grads[name], other_grads[name], rtol=1e-7, atol=1e-10), name
+
+
+def test_greedy_decoding_over_every_step_gives_the_captions_of_stopping_at_the_last_end():
+    fast, _ = models(False)
+    fast.eval()
+    with torch.no_grad():  # <end> likely enough that every caption ends well before max_length
+        fast.decoder.output.bias[2] = 0.4
+    images, _ = batch()
+    decoded = {}
+    for static in (False, True):
+        fast.static_shapes = static
+        decoded[static] = greedy_decode(fast, Images(images), 1, 2, 30)
+    assert decoded[True].tokens == decoded[False].tokens and all(len(t) < 29 for t in decoded[True].tokens)
+    assert torch.equal(decoded[True].logprobs, decoded[False].logprobs)

@@ -17,6 +17,7 @@ class Captioner(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int = 0):
         super().__init__()
         self.pad_id = pad_id
+        self.static_shapes = False  # train.static_shapes: set by the trainer (prepare_model)
         enc, dec = cfg.encoder, cfg.decoder
         self.encoder = EncoderCNN(enc.weights, enc.train_layer4, enc.channels_last)
         self.decoder = Decoder(
@@ -30,8 +31,9 @@ class Captioner(nn.Module):
         With `sampling` (and captions None): captions sampled from the model instead -> SampledCaptions.
         Sampling goes through forward too: DDP all-reduces the gradients only of what its forward computed."""
         if sampling is not None:
-            return sample_captions(self.decoder, self.encoder(inputs), sampling)
-        schedule = self.decoder.schedule(captions, self.pad_id)  # it waits for the device: before the encoder's work
+            return sample_captions(self.decoder, self.encoder(inputs), sampling, stop_early=not self.static_shapes)
+        # the shrinking schedule waits for the device: it is made before the encoder's work is queued
+        schedule = self.decoder.schedule(captions, self.pad_id, static=self.static_shapes)
         features = self.encoder(inputs)  # (B, R, 2048)
         return self.decoder(features, captions, schedule, self.pad_id)
 

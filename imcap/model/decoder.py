@@ -59,7 +59,7 @@ class Decoder(nn.Module):
         return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=1), h, c, alphas
 
     @staticmethod
-    def schedule(captions: torch.Tensor, pad_id: int = 0) -> Schedule:
+    def schedule(captions: torch.Tensor, pad_id: int = 0, static: bool = False) -> Schedule:
         """captions (B, k, T) -> the order and batch sizes of teacher forcing.
 
         Captions run longest first and each step computes only those still running (as Xu et al.'s
@@ -67,10 +67,17 @@ class Decoder(nn.Module):
         the state, and the slices' gradients, in kernel launches that bound a GPU step, while an
         eighth more rows costs a CPU little. Reading the counts waits for the device: the captioner
         asks before it queues the encoder's work, so the wait is not for the encoder.
+
+        static: every caption at every step of the padded length instead, in the same order. Nothing is
+        read from the device, and the step's shapes are the batch's alone (what CUDA graphs need). The
+        steps past a caption's end are computed and masked (no loss, no attention), so the loss and
+        gradients are the shrinking schedule's.
         """
         length = captions.shape[2] - 1
         steps = (captions.flatten(0, 1)[:, 1:] != pad_id).sum(dim=1)  # (N,) real targets per caption
         order = steps.argsort(descending=True, stable=True)
+        if static:
+            return Schedule(order, [(len(steps), length)])
         running = len(steps) - torch.bincount(steps, minlength=length + 1).cumsum(0)[:length]  # (T-1,) at step t
         eighth = -(-len(steps) // 8)
         computed = [min(len(steps), -(-n // eighth) * eighth) for n in running.tolist() if n > 0]

@@ -52,8 +52,12 @@ def _encode(model: Captioner, inputs: Images | CachedFeatures):
     return model.decoder.prepare(model.encoder(inputs))
 
 
-def _greedy_steps(decoder: Decoder, features, projected, start_id: int, end_id: int, max_length: int):
-    """-> ids (B, L) with end_id after each caption's end, attention (B, L, R), log-probabilities (B,)."""
+def _greedy_steps(
+    decoder: Decoder, features, projected, start_id: int, end_id: int, max_length: int, stop_early: bool = True
+):
+    """-> ids (B, L) with end_id after each caption's end, attention (B, L, R), log-probabilities (B,).
+    stop_early: stop once every caption has ended, which waits for the device at every step; without it,
+    max_length steps, whose words after an end are end_id (the same captions)."""
     h, c = decoder.init_state(features)
     batch = features.shape[0]
     words = torch.full((batch,), start_id, dtype=torch.long, device=features.device)
@@ -69,7 +73,7 @@ def _greedy_steps(decoder: Decoder, features, projected, start_id: int, end_id: 
         steps.append(words.masked_fill(done, end_id))
         alphas.append(alpha)
         done |= words == end_id
-        if done.all():
+        if stop_early and done.all():
             break
     return torch.stack(steps, dim=1), torch.stack(alphas, dim=1), logprobs
 
@@ -79,22 +83,29 @@ def greedy_decode(
     model: Captioner, inputs: Images | CachedFeatures, start_id: int, end_id: int, max_length: int
 ) -> Decoded:
     """The most likely word at every step, for at most max_length steps."""
-    steps, alphas, logprobs = _greedy_steps(model.decoder, *_encode(model, inputs), start_id, end_id, max_length)
+    features, projected = _encode(model, inputs)
+    steps, alphas, logprobs = _greedy_steps(
+        model.decoder, features, projected, start_id, end_id, max_length, stop_early=not model.static_shapes
+    )
     steps, alphas = steps.tolist(), alphas.cpu()  # (B, L), (B, L, R)
     tokens = [row[: row.index(end_id)] if end_id in row else row for row in steps]
     return Decoded(tokens, [a[: len(t)] for a, t in zip(alphas, tokens)], logprobs.cpu())
 
 
-def sample_captions(decoder: Decoder, features: torch.Tensor, sampling: Sampling) -> SampledCaptions:
+def sample_captions(
+    decoder: Decoder, features: torch.Tensor, sampling: Sampling, stop_early: bool = True
+) -> SampledCaptions:
     """Sample `sampling.per_image` captions of each image (multinomial, at a temperature), from one encoder
     pass: features (B, R, D) -> SampledCaptions. The greedy captions, when asked for, are decoded with
-    dropout off, as evaluation decodes."""
+    dropout off, as evaluation decodes. stop_early: as for greedy decoding (_greedy_steps)."""
     n, end_id = sampling.per_image, sampling.end_id
     features, projected = decoder.prepare(features)  # (B, R, D), (B, R, A)
     greedy = None
     if sampling.greedy:
         with torch.no_grad(), _evaluating(decoder):
-            greedy = _greedy_steps(decoder, features, projected, sampling.start_id, end_id, sampling.max_length)[0]
+            greedy = _greedy_steps(
+                decoder, features, projected, sampling.start_id, end_id, sampling.max_length, stop_early
+            )[0]
     features, projected = (x.repeat_interleave(n, dim=0) for x in (features, projected))  # (B*n, ...)
     h, c = decoder.init_state(features)
     words = torch.full((features.shape[0],), sampling.start_id, dtype=torch.long, device=features.device)
@@ -111,7 +122,7 @@ def sample_captions(decoder: Decoder, features: torch.Tensor, sampling: Sampling
         mask.append(~done)
         tokens.append(words.masked_fill(done, end_id))
         done = done | (words == end_id)
-        if done.all():
+        if stop_early and done.all():
             break
     return SampledCaptions(torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1), torch.stack(mask, dim=1), greedy)
 
