@@ -164,7 +164,8 @@ def in_order(samples: Iterator[tuple[int, dict | None]], order: PassOrder, start
     held from when it is read until its turn, so no more are held than the shuffle buffer would hold; one
     whose turn is before `start` (trained on before a resume) is dropped as it is read, not decoded."""
     held = {}
-    for t, wanted in enumerate(order.order[start:].tolist(), start):
+    for t in range(start, len(order.order)):
+        wanted = int(order.order[t])  # not .tolist(): a Python int each for a whole pass is what numpy saves
         while wanted not in held:  # every sample of a shard read arrives, a lost one as None
             position, sample = next(samples, (None, None))
             if position is None:
