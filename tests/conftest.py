@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import http.server
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def shared_data() -> Path:
 
 class ShardHandler(http.server.SimpleHTTPRequestHandler):
     """Serves a directory; a file named in the server's `drops` is cut off half-way that many times (the
-    connection closes with fewer bytes sent than announced), and every request is counted."""
+    connection stalls, then closes with fewer bytes sent than announced), and every request is counted."""
 
     def do_GET(self):
         self.server.requests[self.path.rsplit("/", 1)[-1]] += 1
@@ -42,6 +43,9 @@ class ShardHandler(http.server.SimpleHTTPRequestHandler):
             self.server.drops[name] -= 1
             data = source.read()
             outputfile.write(data[: len(data) // 2])
+            # A link that drops stalls first. Closed at once, curl could exit before the reader drained
+            # the pipe, and webdataset's pipe drops what it holds when curl's exit code is an error.
+            time.sleep(1)
             self.close_connection = True
             return
         super().copyfile(source, outputfile)
