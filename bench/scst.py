@@ -13,11 +13,13 @@ vocabulary, 5 an image, 8 to 16 words; the document frequencies come from 2,000 
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 
 import numpy as np
 import torch
+from timing import TimedSteps, alternating
 
 from imcap.config import ScstConfig, load_config
 from imcap.data.batch import Batch, CachedFeatures, Images
@@ -65,42 +67,6 @@ def reward_times(reward: CiderD, vocab: Vocabulary, references: list[list[str]],
     return float(np.median(times[ours])), float(np.median(times[theirs]))
 
 
-class TimedSteps:
-    """Optimizer steps of one objective on one batch, timed; `caption_samples` per step."""
-
-    def __init__(self, model, optimizer, objective, batch: Batch, caption_samples: int, device):
-        self.model, self.optimizer, self.objective, self.batch = model, optimizer, objective, batch
-        self.caption_samples, self.device, self.seconds, self.done = caption_samples, device, 0.0, 0
-
-    def run(self, timed: bool) -> None:
-        start = time.perf_counter()
-        loss, _ = self.objective(self.model, self.batch)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        if timed:
-            self.seconds, self.done = self.seconds + time.perf_counter() - start, self.done + self.caption_samples
-
-    @property
-    def rate(self) -> float:
-        return self.done / self.seconds
-
-
-def alternating(steps: dict[str, TimedSteps], seconds: float, block: int = 3) -> dict[str, float]:
-    """Caption-samples/s of each, timed in alternating blocks (the same machine conditions fall on each kind)."""
-    for step in steps.values():
-        for _ in range(2):
-            step.run(timed=False)
-    deadline = time.perf_counter() + seconds * len(steps)
-    while time.perf_counter() < deadline:
-        for step in steps.values():
-            for _ in range(block):
-                step.run(timed=True)
-    return {name: step.rate for name, step in steps.items()}
-
-
 def run(args, device, images: int) -> None:
     rng = random.Random(0)
     words = [f"w{i}" for i in range(args.vocab - len(SPECIALS))]
@@ -131,11 +97,19 @@ def run(args, device, images: int) -> None:
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
         cached = model.encoder.frozen_features(pixels)
     objectives = {"xent": CrossEntropy(vocab.pad, 1.0), "scst mean": scst, "scst greedy": greedy}
+
+    def step_loss(objective):
+        def loss(batch):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                return objective(model, batch)[0], images * n
+
+        return loss
+
     for name, inputs in (("frozen encoder", Images(pixels)), ("cached features", CachedFeatures(cached))):
-        batch = Batch(captions_ids, inputs, references, list(range(images)))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            steps = {k: TimedSteps(model, optimizer, o, batch, images * n, device) for k, o in objectives.items()}
-            rates = alternating(steps, args.seconds)
+        batch = itertools.repeat(Batch(captions_ids, inputs, references, list(range(images))))
+        steps = [TimedSteps(k, step_loss(o), batch, optimizer, device) for k, o in objectives.items()]
+        alternating(steps, args.seconds)
+        rates = {step.name: step.rate for step in steps}
         print(
             f"{name:15s} cross-entropy {rates['xent']:9.1f} caption-samples/s | "
             + " | ".join(

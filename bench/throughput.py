@@ -30,17 +30,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reference import ReferenceCaptioner  # noqa: E402
+from timing import TimedSteps, alternating  # noqa: E402
 
 from imcap.config import load_config  # noqa: E402
 from imcap.data.batch import CachedFeatures, Images  # noqa: E402
 from imcap.model import Captioner, caption_loss  # noqa: E402
 from imcap.train import make_optimizer  # noqa: E402
-
-BLOCK = 3  # timed steps of one kind in a row
 
 SIZES = {  # batch: caption samples per step, batch/captions images with `captions` captions each
     "cpu": dict(batch=40, image_size=224, vocab=1000, length=12, captions=5, dim=512, bf16=False),
@@ -80,49 +78,20 @@ def models(args, train_layer4: bool, device):
     return fast, reference.to(device).train()
 
 
-class Step:
-    """Optimizer steps of one model on batches from `batches`, timed; `inputs(images, captions)` gives
-    the model's arguments."""
+def captioning_loss(model, inputs, args, device):
+    """The cross-entropy loss of `model` on a batch (images, captions); `inputs(images, captions)` gives the
+    model's arguments."""
 
-    def __init__(self, name, model, inputs, batches, args, device, optimizer):
-        self.name, self.model, self.inputs, self.batches, self.optimizer = name, model, inputs, batches, optimizer
-        self.args, self.device, self.seconds, self.steps, self.done, self.waited = args, device, 0.0, 0, 0, 0.0
-        self.flops = 0  # of one step, forward and backward
+    def loss(batch):
+        images, captions = batch
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            logits, alphas = model(*inputs(images, captions))
+        return caption_loss(logits, alphas, captions, 0, 1.0)[0], captions.shape[0] * captions.shape[1]
 
-    def count_flops(self) -> None:
-        with FlopCounterMode(display=False) as counter:
-            self.run(timed=False)
-        self.flops = counter.get_total_flops()
-
-    def run(self, timed: bool) -> None:
-        start = time.perf_counter()
-        images, captions = next(self.batches)
-        got = time.perf_counter()
-        self.samples = captions.shape[0] * captions.shape[1]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
-            logits, alphas = self.model(*self.inputs(images, captions))
-        loss, _ = caption_loss(logits, alphas, captions, 0, 1.0)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        if timed:
-            self.seconds += time.perf_counter() - start
-            self.waited += got - start
-            self.steps += 1
-            self.done += self.samples
-
-    @property
-    def rate(self) -> float:
-        return self.done / self.seconds
-
-    @property
-    def tflops(self) -> float:
-        return self.flops * self.steps / self.seconds / 1e12
+    return loss
 
 
-def compare(args, device, train_layer4: bool, reference_batches, imcap_batches) -> list[Step]:
+def compare(args, device, train_layer4: bool, reference_batches, imcap_batches) -> list[TimedSteps]:
     fast, reference = models(args, train_layer4, device)
     on_device = device_batches(args, args.batch // args.captions, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -132,39 +101,29 @@ def compare(args, device, train_layer4: bool, reference_batches, imcap_batches) 
     static = copy.deepcopy(fast)
     static.static_shapes = True
     ours_static, _ = make_optimizer(static, load_config(None, ["train.lr=1e-4"]), 1)
+
+    def images(model):
+        return captioning_loss(model, lambda images, captions: (captions, Images(images)), args, device)
+
     steps = [
-        Step(
-            "reference", reference, lambda images, captions: (images, captions), reference_batches, args, device, plain
-        ),
-        Step("imcap", fast, lambda images, captions: (captions, Images(images)), imcap_batches, args, device, ours),
-        Step(
-            "imcap, static shapes",
-            static,
-            lambda images, captions: (captions, Images(images)),
-            imcap_batches,
-            args,
+        TimedSteps(
+            "reference",
+            captioning_loss(reference, lambda images, captions: (images, captions), args, device),
+            reference_batches,
+            plain,
             device,
-            ours_static,
         ),
-        Step(
+        TimedSteps("imcap", images(fast), imcap_batches, ours, device),
+        TimedSteps("imcap, static shapes", images(static), imcap_batches, ours_static, device),
+        TimedSteps(
             "imcap, cached features",
-            fast,
-            lambda images, captions: (captions, CachedFeatures(cached)),
+            captioning_loss(fast, lambda images, captions: (captions, CachedFeatures(cached)), args, device),
             on_device,
-            args,
-            device,
             ours,
+            device,
         ),
     ]
-    for step in steps:  # warm up (and compile) outside the timing
-        for _ in range(2):
-            step.run(timed=False)
-        step.count_flops()
-    deadline = time.perf_counter() + args.seconds * len(steps)
-    while time.perf_counter() < deadline or min(s.steps for s in steps) < BLOCK:
-        for step in steps:  # alternate, so the same machine conditions fall on every kind of step;
-            for _ in range(BLOCK):  # in blocks, so each data thread's work falls mostly within its own steps
-                step.run(timed=True)
+    alternating(steps, args.seconds)
     return steps
 
 
