@@ -172,6 +172,7 @@ class EpochReader:
     data_workers: int | None  # per process
     batch_size: int
     epoch_batches: int  # per process
+    grad_accum_steps: int
 
 
 def load_weights(checkpoint: Path, model) -> None:
@@ -202,7 +203,7 @@ def load_checkpoint(
             objective.load_state_dict(rng.get("objective", {}))
     epoch, batches = resume_position(meta, reader, checkpoint) if reader else (meta["epoch"], meta["batches_in_epoch"])
     # where each data worker resumes: known when the epoch is read as it was saved
-    same_order = rng is not None and not (reader and _order_differs(meta, reader))
+    same_order = rng is not None and not (reader and _order_differs(meta, reader)) and epoch == meta["epoch"]
     samples_read = rng.get("samples_read", {}) if same_order else {}
     workers = reader.data_workers if reader else meta.get("data_workers")
     return TrainState(meta["step"], epoch, batches, workers, samples_read)
@@ -215,8 +216,24 @@ def resume_position(meta: dict, reader: EpochReader, checkpoint: Path) -> tuple[
     process (rounded down: a few trained twice rather than any left out), and a warning says exactly how
     many samples the epoch is trained on."""
     epoch, done = meta["epoch"], meta["batches_in_epoch"]
-    if not done or not _order_differs(meta, reader):
+    if not done:
         return epoch, done
+    if not _order_differs(meta, reader):
+        if done < reader.epoch_batches:
+            return epoch, done
+        # the epoch is cut to whole steps: resumed with a larger grad_accum_steps, it may end before `done`
+        log.warning(
+            "%s was saved %d batches into epoch %d, and this run's epoch has %d batches per process (whole steps "
+            "of grad_accum_steps=%d): it counts epoch %d as done and begins epoch %d.",
+            checkpoint,
+            done,
+            epoch,
+            reader.epoch_batches,
+            reader.grad_accum_steps,
+            epoch,
+            epoch + 1,
+        )
+        return epoch + 1, 0
     trained = done * meta["world_size"] * meta["batch_size"]
     per_batch = reader.world_size * reader.batch_size  # samples of one batch on every process
     skip = trained // per_batch

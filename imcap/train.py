@@ -175,7 +175,9 @@ def restore(
             acc.print(f"starting from the weights of {init_from}")
         return TrainState(data_workers=workers)
     check_compatible(checkpoint, model, data.vocab)
-    reader = EpochReader(acc.num_processes, workers, data.cfg.data.batch_size, plan.epoch_batches)
+    reader = EpochReader(
+        acc.num_processes, workers, data.cfg.data.batch_size, plan.epoch_batches, plan.grad_accum_steps
+    )
     state = load_checkpoint(checkpoint, model, optimizer, scheduler, acc, reader, objective)
     acc.print(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
     return state

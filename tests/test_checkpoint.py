@@ -270,6 +270,26 @@ def test_resuming_with_more_accumulation_ends_each_epoch_where_it_ends_with_a_sh
     assert [(r["step"], r["epoch"]) for r in evaluated] == [(8, 1), (14, 2)]
 
 
+def test_resumed_with_an_accumulation_whose_epoch_ends_before_the_saved_batch_the_next_epoch_begins(
+    demo_shards, tmp_path, caplog
+):
+    """Saved 11 batches into an epoch of 12 with grad_accum_steps=1, resumed with 5 in the same order: this
+    run's epoch is 10 batches (2 whole steps), so the saved one is over and the next is its 2 steps."""
+    first = tiny_overrides(
+        demo_shards, tmp_path, "train.epochs=2", "checkpoint.every_steps=11", "checkpoint.keep_last=10"
+    )
+    train(load_config(ROOT / "configs" / "demo.yaml", first))
+    saved = tmp_path / "tiny" / "checkpoints" / "step-000011"
+    resumed = [*first, "run_name=more-accum", f"resume={saved}", "train.grad_accum_steps=5"]
+    train(load_config(ROOT / "configs" / "demo.yaml", resumed))
+    assert (
+        f"{saved} was saved 11 batches into epoch 0, and this run's epoch has 10 batches per process (whole "
+        "steps of grad_accum_steps=5): it counts epoch 0 as done and begins epoch 1"
+    ) in caplog.text
+    state = json.loads((latest_checkpoint(tmp_path / "more-accum") / "state.json").read_text())
+    assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (11 + 2, 2, 0)
+
+
 def test_resumed_mid_epoch_on_more_processes_the_epoch_is_finished_saying_how_many_samples_it_trains(
     demo_shards, tmp_path
 ):
@@ -296,21 +316,25 @@ def test_the_place_in_an_epoch_read_another_way_is_where_as_many_samples_were_tr
     """Saved 3 batches of 8 into the epoch on each of 2 processes: 48 samples trained."""
     saved = {"step": 5, "epoch": 0, "batches_in_epoch": 3, "world_size": 2, "data_workers": 2, "batch_size": 8}
     saved["data_order"] = DATA_ORDER
-    assert resume_position(saved, EpochReader(2, 2, 8, 6), Path("c")) == (0, 3) and not caplog.text  # as saved
+    assert resume_position(saved, EpochReader(2, 2, 8, 6, 1), Path("c")) == (0, 3) and not caplog.text  # as saved
+    # in the same order, resumed with grad_accum_steps=2 and an epoch cut to 2 batches: the 3 saved end it
+    assert resume_position(saved, EpochReader(2, 2, 8, 2, 2), Path("c")) == (1, 0)
+    assert "this run's epoch has 2 batches per process (whole steps of grad_accum_steps=2)" in caplog.text
+    caplog.clear()
     older = {k: v for k, v in saved.items() if k != "data_order"}  # saved by a version with another order
-    assert resume_position(older, EpochReader(2, 2, 8, 6), Path("c")) == (0, 3)
+    assert resume_position(older, EpochReader(2, 2, 8, 6, 1), Path("c")) == (0, 3)
     assert "(this version of imcap orders an epoch otherwise)" in caplog.text
     caplog.clear()
-    assert resume_position(saved, EpochReader(1, 0, 8, 12), Path("c")) == (0, 6)  # 6 x 8
+    assert resume_position(saved, EpochReader(1, 0, 8, 12, 1), Path("c")) == (0, 6)  # 6 x 8
     assert "trained on 96 samples where an uninterrupted one has 96" in caplog.text
-    assert resume_position(saved, EpochReader(1, 0, 16, 6), Path("c")) == (0, 3)  # 3 x 16
-    assert resume_position(saved, EpochReader(4, 0, 8, 3), Path("c")) == (0, 1)  # 1 x 4 x 8: 16 more twice
+    assert resume_position(saved, EpochReader(1, 0, 16, 6, 1), Path("c")) == (0, 3)  # 3 x 16
+    assert resume_position(saved, EpochReader(4, 0, 8, 3, 1), Path("c")) == (0, 1)  # 1 x 4 x 8: 16 more twice
     assert "skips the first 1 batches of each process (32 samples) and trains the other 2 (64 samples), so the " in (
         caplog.text
     )
     assert "epoch is trained on 112 samples where an uninterrupted one has 96" in caplog.text
     # this run's epoch (1 batch on each of 4 processes) holds fewer samples than were trained of it: done
-    assert resume_position(saved, EpochReader(4, 0, 8, 1), Path("c")) == (1, 0)
+    assert resume_position(saved, EpochReader(4, 0, 8, 1, 1), Path("c")) == (1, 0)
     assert "in which an epoch has 32 samples: it counts epoch 0 as done and begins epoch 1" in caplog.text
 
 
