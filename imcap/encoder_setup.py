@@ -18,6 +18,7 @@ from imcap.distributed import Preempted, StopFlag, gather_objects, part_of
 from imcap.model import Captioner
 from imcap.model.encoder import estimate_batchnorm_stats, estimate_feature_stats
 from imcap.run_dir import check_writable
+from imcap.text import Vocabulary
 
 
 def prepare_encoder(
@@ -86,15 +87,15 @@ def use_feature_cache(
         return data
     if is_url(d.shards):
         raise ConfigError(
-            f"data.feature_cache writes the cache beside the shards, and {d.shards} is a URL: build the cache "
-            "of local shards with `imcap features build`, or train with data.feature_cache=false"
+            f"data.feature_cache writes the cache beside the shards, and {d.shards} is a URL: build it on a local "
+            "disk with `imcap features build --out DIR` and train with data.shards=DIR, or set data.feature_cache=false"
         )
     cache = feature_cache.cache_dir_for(d.shards, encoder, d.image_size)
     if not feature_cache.cache_is_complete(cache, d.shards):
         check_writable(
             acc, cache, "the feature cache is written there", "make it writable or set data.feature_cache=false"
         )
-        build_feature_cache(model, cfg, acc, cache, cfg.eval.batch_size, stop=stop)
+        build_feature_cache(model, cfg, acc, cache, cfg.eval.batch_size, data.vocab, stop=stop)
     return data.with_shards(str(cache))
 
 
@@ -104,6 +105,7 @@ def build_feature_cache(
     acc: Accelerator,
     out: Path,
     batch_size: int,
+    vocab: Vocabulary,
     dtype: str = "bf16",
     stop: StopFlag | None = None,
 ) -> int:
@@ -123,6 +125,7 @@ def build_feature_cache(
             batch_size,
             dtype,
             part_of(acc),
+            d.read_attempts,
         )
         for cached in shards:  # every rank passes here as often: they agree on a stop
             sizes.update([cached] if cached else [])
@@ -131,7 +134,9 @@ def build_feature_cache(
                 raise Preempted(stopped_by, None, "the feature cache's complete shards are kept for the next run")
     all_sizes = {k: v for part in gather_objects(acc, sizes) for k, v in part.items()}
     if acc.is_main_process:
-        feature_cache.finish_cache(out, d.shards, all_sizes, encoder, d.image_size, cfg.model.encoder.weights, dtype)
+        feature_cache.finish_cache(
+            out, d.shards, all_sizes, encoder, d.image_size, cfg.model.encoder.weights, dtype, vocab
+        )
     acc.wait_for_everyone()
     acc.print(f"cached {sum(all_sizes.values())} images in {time.time() - start:.0f} s")
     return sum(all_sizes.values())

@@ -118,6 +118,10 @@ CASES = {
         ["features", "build", *DEMO, *b.tiny, f"data.shards={b.empty}"],
         [b.empty, "split 'train'"],
     ),
+    "features build: shards at a URL, no --out": lambda b: (
+        ["features", "build", *DEMO, *b.tiny, "data.shards=http://127.0.0.1:9/demo"],
+        ["data.shards=http://127.0.0.1:9/demo", "--out"],
+    ),
     "eval: no model": lambda b: (["eval", b.empty, "--cpu"], [b.empty, "no model found"]),
     "launch/evaluate.py: no model": lambda b: (["launch/evaluate.py", b.empty, "--cpu"], [b.empty, "no model found"]),
     "eval: no such split": lambda b: (["eval", b.model, "--split", "test", "--cpu"], [b.shards, "split 'test'"]),

@@ -12,6 +12,7 @@ from imcap.config import ConfigError, load_config
 from imcap.data.feature_cache import cache_is_complete, cache_shards, finish_cache
 from imcap.data.shards import DataError, ShardWriter, iter_tar_members, list_shards, read_shard, read_sizes
 from imcap.model.encoder import EncoderCNN
+from imcap.text import SPECIALS, Vocabulary
 from imcap.train import train
 
 FROZEN = [
@@ -21,6 +22,7 @@ FROZEN = [
     "train.mixed_precision=no",
 ]
 TRAIN_LOADER_8 = {**TRAIN_LOADER, "batch_size": 8, "train_crop": "center"}
+VOCAB = Vocabulary([*SPECIALS, "a"], 1)  # what the cache records as its vocabulary
 
 
 def cached_sizes(*args) -> dict[str, int]:
@@ -62,6 +64,21 @@ def test_a_cache_mirrors_its_source_shards(cache, demo_shards):
     meta = json.loads((cache / "cache.json").read_text())
     assert meta["image_size"] == 64 and meta["weights"] == "none" and not meta["train_layer4"]
     assert (cache / "vocab.json").read_bytes() == (demo_shards / "vocab.json").read_bytes()
+
+
+def test_a_cache_built_from_shards_over_http_is_the_cache_of_the_same_shards_on_disk(
+    cache, demo_shards, serve, tmp_path
+):
+    url, server = serve(demo_shards)
+    out = tmp_path / "remote"
+    features_build = ["features", "build", "--config", str(ROOT / "configs" / "demo.yaml"), *FROZEN]
+    assert imcap([*features_build, f"data.shards={url}", "--out", str(out), "--dtype", "fp32"]) == 0
+    assert server.requests["train-000000.tar"] == 1 and server.requests["val-000002.tar"] == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in cache.iterdir())
+    for name in ("sizes.json", "vocab.json", *(p.name for p in cache.glob("*.tar"))):
+        assert (out / name).read_bytes() == (cache / name).read_bytes(), name
+    local, remote = (json.loads((d / "cache.json").read_text()) for d in (cache, out))
+    assert remote == local | {"shards": {"sizes": read_sizes(demo_shards), "shards": {}}}
 
 
 def test_training_reads_the_cache_with_the_encoder_it_was_made_with(cache, tmp_path):
@@ -128,7 +145,9 @@ def test_a_truncated_source_shard_is_cached_up_to_the_cut_and_reported(demo_shar
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # e.g. a copy cut short
     sizes = cache_val_split(source, tmp_path / "cache")
     assert sizes["val-000000.tar"] == 12 and 0 < sizes["val-000001.tar"] < 12
-    assert f"{cut}: unreadable after {sizes['val-000001.tar']} cached samples: ReadError" in caplog.text
+    assert f"skipping {12 - sizes['val-000001.tar']} samples of {cut}: 1 read(s) failed, the last with ReadError" in (
+        caplog.text
+    )
 
 
 def val_captions(shard_dir) -> list[list[str]]:
@@ -145,7 +164,7 @@ def test_a_cache_of_shards_rebuilt_in_place_is_built_again_from_the_new_shards(d
     shutil.copytree(demo_shards, source)
     torch.manual_seed(0)
     encoder = EncoderCNN("none", channels_last=False)
-    finish_cache(cache, str(source), cache_val_split(source, cache), encoder, 64, "none", "bf16")
+    finish_cache(cache, str(source), cache_val_split(source, cache), encoder, 64, "none", "bf16", VOCAB)
     assert cache_is_complete(cache, str(source))
 
     # the val shards rebuilt with other captions: the same names and sample counts
@@ -162,7 +181,7 @@ def test_a_cache_of_shards_rebuilt_in_place_is_built_again_from_the_new_shards(d
     assert read_sizes(source) == read_sizes(demo_shards)
     assert not cache_is_complete(cache, str(source)) and "building it again" in caplog.text
 
-    finish_cache(cache, str(source), cache_val_split(source, cache), encoder, 64, "none", "bf16")
+    finish_cache(cache, str(source), cache_val_split(source, cache), encoder, 64, "none", "bf16", VOCAB)
     assert cache_is_complete(cache, str(source)) and val_captions(cache) == [["a new caption"]] * 32
 
 
@@ -186,7 +205,7 @@ def test_a_sample_the_cache_cannot_encode_is_skipped_and_counted_in_every_epoch_
     torch.manual_seed(0)
     encoder = EncoderCNN("none", channels_last=False)
     sizes = cached_sizes(encoder, str(source), ["train"], cache, 64, 16)
-    finish_cache(cache, str(source), sizes, encoder, 64, "none", "fp32")
+    finish_cache(cache, str(source), sizes, encoder, 64, "none", "fp32", VOCAB)
 
     def skipped_by_epoch(shards: list[str]) -> list[int]:
         batches = list(make_train_loader(shards, demo_collate(demo_shards), epochs=3, num_batches=3, **TRAIN_LOADER_8))

@@ -60,10 +60,10 @@ def cmd_features(args) -> None:
     from imcap.model import Captioner
 
     cfg = load_config(args.config, args.overrides)
-    if is_url(cfg.data.shards):
+    if is_url(cfg.data.shards) and not args.out:
         raise ConfigError(
-            f"imcap features build reads shards on this machine's disk, and data.shards={cfg.data.shards} is a "
-            "URL: build the cache from a local copy of the shards"
+            f"data.shards={cfg.data.shards} is a URL, and the cache is written beside the shards unless --out "
+            "says where: give --out DIR, a directory on a local or shared disk"
         )
     acc = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision)
     set_seed(cfg.train.seed)  # the encoder the trainer builds: `weights: none` from the same seed,
@@ -71,11 +71,9 @@ def cmd_features(args) -> None:
     model = Captioner(cfg.model, len(data.vocab), data.vocab.pad)
     estimate_batchnorm(model, data, cfg, acc)  # with the same BatchNorm statistics
     out = Path(args.out or cache_dir_for(cfg.data.shards, model.encoder, cfg.data.image_size))
-    cached = build_feature_cache(model, cfg, acc, out, args.batch_size, args.dtype)
-    print(
-        f"{cached} images cached in {out}; train from it with data.shards={out} "
-        f"(or data.feature_cache=true, which finds it)"
-    )
+    cached = build_feature_cache(model, cfg, acc, out, args.batch_size, data.vocab, args.dtype)
+    found = "" if args.out else " (or data.feature_cache=true, which finds it)"
+    print(f"{cached} images cached in {out}; train from it with data.shards={out}{found}")
 
 
 def cmd_export(args) -> None:
@@ -135,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", help="dotted key=value")
-    p.add_argument("--out", default=None, help="default: <data.shards>/features/<digest of the frozen weights>")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="default: <data.shards>/features/<digest of the frozen weights>; needed when data.shards is a URL",
+    )
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_features)

@@ -17,7 +17,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,15 +31,17 @@ from imcap.data.shards import (
     DataError,
     TarShard,
     atomic_write,
+    is_url,
+    known_sizes,
     list_shards,
     member_key,
-    read_shard,
     read_sizes,
+    shard_file_name,
     update_sizes,
 )
-from imcap.data.streams import Part
+from imcap.data.streams import Fetched, Part, fetched
 from imcap.model.encoder import EncoderCNN
-from imcap.text import VOCAB_FILE
+from imcap.text import VOCAB_FILE, Vocabulary
 
 log = logging.getLogger(__name__)
 CACHE_FILE = "cache.json"
@@ -57,9 +58,11 @@ def encoder_digest(encoder: EncoderCNN, image_size: int) -> str:
 
 
 def shards_fingerprint(source: str) -> dict:
-    """What a cache's source shards are, cheap to read: their sizes.json, and each shard's byte size and
-    modification time (a rebuild writes new files; tars are padded, so their sizes alone seldom change)."""
-    stats = {Path(shard).name: os.stat(shard) for shard in list_shards(source)}
+    """What a cache's source shards are, cheap to read: their sizes.json, and each local shard's byte size and
+    modification time (a rebuild writes new files; tars are padded, so their sizes alone seldom change).
+    Of shards at a URL, sizes.json alone: a stat there would be a request for every shard."""
+    shards = [] if is_url(source) else list_shards(source)
+    stats = {shard_file_name(shard): os.stat(shard) for shard in shards}
     return {"sizes": read_sizes(source), "shards": {name: [s.st_size, s.st_mtime_ns] for name, s in stats.items()}}
 
 
@@ -95,10 +98,12 @@ def cache_shards(
     batch_size: int,
     dtype: str = "bf16",
     part: Part = Part(),
+    read_attempts: int = 1,
 ) -> Iterator[tuple[str, int] | None]:
     """Write this process's share of the cache shards (every world_size-th), on the encoder's device, one
     at a time: yields (name, samples) of each, or None in a round of world_size shards that has none for
     this process, so that every process yields as often (a caller may agree on something between shards).
+    The source may be local or at a URL; a shard there is read up to `read_attempts` times, as in training.
 
     Shards already complete in out_dir are kept (and counted), so an interrupted build continues where it
     stopped; none are kept from a finished cache of other shards than those now at source.
@@ -109,25 +114,35 @@ def cache_shards(
     # the same on every rank: finish_cache writes cache.json once every rank has built its share
     stale = _made_from_other_shards(read_cache_meta(out_dir), source)
     shards = [s for split in splits for s in list_shards(source, split)]
+    recorded = known_sizes(shards)
     for first in range(0, len(shards), part.world_size):
         mine = first + part.rank
-        yield (
-            cache_shard(encoder, shards[mine], out_dir, image_size, batch_size, dtype, stale)
-            if mine < len(shards)
-            else None
-        )
+        if mine >= len(shards):
+            yield None
+            continue
+        shard = shards[mine]
+        source_samples = fetched([shard], {shard: recorded[shard]}, read_attempts)
+        yield cache_shard(encoder, shard, source_samples, out_dir, image_size, batch_size, dtype, stale)
 
 
 @torch.no_grad()
 def cache_shard(
-    encoder: EncoderCNN, shard: str, out_dir: Path, image_size: int, batch_size: int, dtype: str, stale: bool
+    encoder: EncoderCNN,
+    shard: str,
+    source_samples: Iterator[Fetched],
+    out_dir: Path,
+    image_size: int,
+    batch_size: int,
+    dtype: str,
+    stale: bool,
 ) -> tuple[str, int]:
-    """The cache shard of one source shard, written unless an interrupted build left it -> (name, samples)."""
-    target = out_dir / Path(shard).name
+    """The cache shard of one source shard, from its samples as `fetched` gives them, written unless an
+    interrupted build left it (then its samples are not read) -> (name, samples)."""
+    target = out_dir / shard_file_name(shard)
     if target.exists() and not stale:  # written by an interrupted build
         return target.name, _cached_samples(target)
     with TarShard(target) as tar:
-        skipped = _cache_shard(tar, shard, encoder, image_size, batch_size, DTYPES[dtype])
+        skipped = _cache_shard(tar, source_samples, encoder, image_size, batch_size, DTYPES[dtype])
     if skipped:
         log.warning(
             "%s: %d of its samples could not be cached (the first: %s, %s); the cache keeps a marker for "
@@ -140,15 +155,17 @@ def cache_shard(
 
 
 def _cache_shard(
-    tar: TarShard, shard: str, encoder: EncoderCNN, image_size: int, batch_size: int, dtype
+    tar: TarShard, source_samples: Iterator[Fetched], encoder: EncoderCNN, image_size, batch_size, dtype
 ) -> list[tuple[str, str]]:
     """The cache samples of one source shard, in its order: features, or a marker for a sample that cannot
-    be decoded. -> (key, reason) of each marked."""
+    be decoded. A sample that could not be read (a tar cut short, a transfer that failed every time) is
+    left out, as `fetched` warns. -> (key, reason) of each marked."""
     device = encoder.mean.device
     batch: list[tuple[str, Sample | SampleError]] = []
-    errors: list[str] = []
     skipped = []
-    for sample in read_shard(shard, errors):  # a truncated tar: its samples up to the cut
+    for _, _, sample in source_samples:
+        if sample is None:
+            continue
         try:
             decoded: Sample | SampleError = decode_sample(sample, image_size, None)
         except SampleError as e:
@@ -160,8 +177,6 @@ def _cache_shard(
             batch = []
     if batch:
         _write_batch(tar, batch, encoder, device, dtype)
-    if errors:  # skipped as the trainer's reader skips it
-        log.warning("%s: unreadable after %d cached samples: %s", shard, tar.count, errors[0])
     return skipped
 
 
@@ -196,16 +211,17 @@ def finish_cache(
     image_size: int,
     weights: str,
     dtype: str,
+    vocab: Vocabulary,
 ) -> None:
-    """Record sizes, the source's vocabulary and what the cache was made with and from; only then is it
-    complete. Cache shards not in sizes (of source shards removed since) are removed."""
+    """Record sizes, the source's vocabulary (`vocab`, as training on it reads it) and what the cache was
+    made with and from; only then is it complete. Cache shards not in sizes (of source shards removed
+    since) are removed."""
     for leftover in Path(out_dir).glob("*.tar"):
         if leftover.name not in sizes:
             leftover.unlink()
     (Path(out_dir) / SIZES_FILE).unlink(missing_ok=True)  # so that it lists exactly these shards
     update_sizes(out_dir, sizes)
-    if (Path(source) / VOCAB_FILE).exists():
-        shutil.copyfile(Path(source) / VOCAB_FILE, Path(out_dir) / VOCAB_FILE)
+    vocab.save(Path(out_dir) / VOCAB_FILE)
     meta = {
         "digest": encoder_digest(encoder, image_size),
         "weights": weights,
