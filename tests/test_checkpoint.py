@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from helpers import (
     BEFORE_STEP,
     ROOT,
+    TRAIN_LAYER4,
     kill_9,
     logged,
     run_env,
@@ -45,10 +46,12 @@ from imcap.train import train
 
 
 def exact_overrides(shards, runs, *extra):
-    """Two epochs of 6 steps on 2 processes, dropout on (RNG matters), data workers (resume must skip right)."""
+    """Two epochs of 6 steps on 2 processes, dropout on (RNG matters), data workers (resume must skip right),
+    layer4 trained (its optimizer state and learning rate resume too)."""
     return tiny_overrides(
         shards,
         runs,
+        TRAIN_LAYER4,
         "train.cpu=true",
         "train.epochs=2",
         "train.log_every=1",

@@ -4,7 +4,7 @@ import json
 import subprocess
 
 import pytest
-from helpers import ROOT, free_port, run_env, tiny_overrides, two_process_launch
+from helpers import ROOT, TRAIN_LAYER4, free_port, run_env, tiny_overrides, two_process_launch
 
 
 def launch(*args, timeout=300) -> subprocess.CompletedProcess:
@@ -20,7 +20,12 @@ def test_two_processes_train_on_disjoint_samples_with_equal_batches_and_stay_ide
         "tests/ddp_probe.py",
         str(tmp_path),
         *tiny_overrides(
-            demo_shards, tmp_path, "train.cpu=true", "model.decoder.dropout=0.3", f"train.objective={objective}"
+            demo_shards,
+            tmp_path,
+            TRAIN_LAYER4,
+            "train.cpu=true",
+            "model.decoder.dropout=0.3",
+            f"train.objective={objective}",
         ),
     )
     assert result.returncode == 0, result.stderr[-3000:]
