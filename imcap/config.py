@@ -31,7 +31,7 @@ class DataConfig:
     # a directory of {split}-NNNNNN.tar + sizes.json (local, or at an http(s)://, s3://, gs:// URL), or a
     # brace pattern of paths, URLs or pipe: commands
     shards: str = "shards/demo"
-    demo: bool = False  # generate the synthetic demo shards into `shards` when they are missing
+    demo: bool = False  # generate the synthetic demo shards into `shards` when they are missing (a local path)
     train_split: str = "train"  # the split trained on: its shards are {train_split}-NNNNNN.tar
     val_split: str = "val"  # the split evaluated during training
     image_size: int = 224  # side of the square crop in pixels; the grid of regions is image_size / 32 a side

@@ -127,9 +127,10 @@ def _saved_vocabulary(saved: str) -> Vocabulary | None:
 
 
 def prepare_data(cfg: Config, accelerator) -> TrainingData:
-    """The run's splits and vocabulary; the demo set is built first where the config asks for it."""
+    """The run's splits and vocabulary; the demo set is built first where the config asks for it (on a
+    disk: shards at a URL are read as they are)."""
     d = cfg.data
-    if d.demo:
+    if d.demo and not is_url(d.shards):
         with accelerator.main_process_first():  # one process writes, the others wait and then read
             if not demo.demo_exists(d.shards):
                 log.info("building the demo dataset in %s", d.shards)
