@@ -104,7 +104,7 @@ def test_kill_9_at_a_named_point_then_resume_gives_bitwise_the_weights_of_an_uni
 
 
 def test_a_static_shape_run_killed_mid_epoch_resumes_bitwise(demo_shards, tmp_path):
-    static = ("train.static_shapes=true",)
+    static = ("train.static_shapes=true", "model.encoder.train_layer4=false")  # the option is the decoder's
     assert wait_all(start_ranks(exact_overrides(demo_shards, tmp_path, "run_name=reference", *static))) == [0, 0]
     interrupted = exact_overrides(demo_shards, tmp_path, "run_name=interrupted", *static)
     kill_resume_and_compare(interrupted, tmp_path, tmp_path / "reference", "mid-epoch")

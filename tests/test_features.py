@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +75,7 @@ def test_a_cache_built_from_shards_over_http_is_the_cache_of_the_same_shards_on_
     features_build = ["features", "build", "--config", str(ROOT / "configs" / "demo.yaml"), *FROZEN]
     assert imcap([*features_build, f"data.shards={url}", "--out", str(out), "--dtype", "fp32"]) == 0
     assert server.requests["train-000000.tar"] == 1 and server.requests["val-000002.tar"] == 1
+    assert not Path(url).exists()  # demo.yaml's data.demo builds no demo into a local path named like the URL
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in cache.iterdir())
     for name in ("sizes.json", "vocab.json", *(p.name for p in cache.glob("*.tar"))):
         assert (out / name).read_bytes() == (cache / name).read_bytes(), name

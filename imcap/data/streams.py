@@ -238,7 +238,8 @@ class TrainStream(IterableDataset):
         handed_out = 0
         for epoch in self.epochs:
             first = epoch == self.epochs.start
-            skip = self.skip if first else 0
+            # resumed with fewer batches per epoch: nothing of this epoch is left
+            skip = min(self.skip, self.num_batches) if first else 0
             # DataLoader takes its batch g from worker slot g % workers. Worker w of an epoch makes the
             # epoch's batches w, w + workers, ...; the epoch's batch `skip` is the loader's batch
             # `handed_out`, so slot s plays worker (s - handed_out + skip) % workers.
