@@ -109,11 +109,11 @@ def run(args, device, images: int) -> None:
         batch = itertools.repeat(Batch(captions_ids, inputs, references, list(range(images))))
         steps = [TimedSteps(k, step_loss(o), batch, optimizer, device) for k, o in objectives.items()]
         alternating(steps, args.seconds)
-        rates = {step.name: step.rate for step in steps}
+        xent, *scst_steps = steps
         print(
-            f"{name:15s} cross-entropy {rates['xent']:9.1f} caption-samples/s | "
+            f"{name:15s} cross-entropy {xent.rate:9.1f} caption-samples/s, {xent.tflops:.3f} TFLOP/s | "
             + " | ".join(
-                f"{k} {rates[k]:9.1f} ({rates[k] / rates['xent']:.2f}x)" for k in ("scst mean", "scst greedy")
+                f"{s.name} {s.rate:9.1f} ({s.rate / xent.rate:.2f}x), {s.tflops:.3f} TFLOP/s" for s in scst_steps
             ),
             flush=True,
         )

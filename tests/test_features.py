@@ -1,6 +1,7 @@
 """The frozen-feature cache: `imcap features build`, training from it, refusing a mismatched cache."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -67,15 +68,28 @@ def test_a_cache_mirrors_its_source_shards(cache, demo_shards):
     assert (cache / "vocab.json").read_bytes() == (demo_shards / "vocab.json").read_bytes()
 
 
-def test_a_cache_built_from_shards_over_http_is_the_cache_of_the_same_shards_on_disk(
-    cache, demo_shards, serve, tmp_path
+@pytest.mark.parametrize("location", ["http", "pipe"])
+def test_a_cache_built_from_shards_at_a_url_is_the_cache_of_the_same_shards_on_disk(
+    cache, demo_shards, serve, tmp_path, capsys, location
 ):
-    url, server = serve(demo_shards)
-    out = tmp_path / "remote"
+    """Over http, a shard whose transfer fails at every read stops the build, naming it; the next build
+    fetches only that one again. From pipe: commands, the shards are a pattern of both splits."""
+    url, server = serve(demo_shards, drops={"train-000003.tar": 99})
+    pipe = "::".join(
+        f"pipe:cat {demo_shards}/{split}-{{000000..00000{n - 1}}}.tar" for split, n in (("train", 8), ("val", 3))
+    )
+    source, out = (url if location == "http" else pipe), tmp_path / "remote"
     features_build = ["features", "build", "--config", str(ROOT / "configs" / "demo.yaml"), *FROZEN]
-    assert imcap([*features_build, f"data.shards={url}", "--out", str(out), "--dtype", "fp32"]) == 0
-    assert server.requests["train-000000.tar"] == 1 and server.requests["val-000002.tar"] == 1
-    assert not Path(url).exists()  # demo.yaml's data.demo builds no demo into a local path named like the URL
+    build = [*features_build, f"data.shards={source}", "data.read_attempts=2", "--out", str(out), "--dtype", "fp32"]
+    if location == "http":
+        assert imcap(build) == 2
+        error = capsys.readouterr().err  # the samples before the cut arrived; the rest did not
+        assert re.match(f"imcap: {url}/train-000003.tar: [0-9]+ of its samples could not be fetched, so it is ", error)
+        server.drops.clear()
+    assert imcap(build) == 0
+    if location == "http":
+        assert server.requests["train-000003.tar"] == 3 and server.requests["train-000002.tar"] == 1
+        assert not Path(url).exists()  # demo.yaml's data.demo builds no demo into a local path named like the URL
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in cache.iterdir())
     for name in ("sizes.json", "vocab.json", *(p.name for p in cache.glob("*.tar"))):
         assert (out / name).read_bytes() == (cache / name).read_bytes(), name

@@ -63,7 +63,7 @@ def cmd_features(args) -> None:
     if is_url(cfg.data.shards) and not args.out:
         raise ConfigError(
             f"data.shards={cfg.data.shards} is a URL, and the cache is written beside the shards unless --out "
-            "says where: give --out DIR, a directory on a local or shared disk"
+            "says where: give --out DIR, a directory on a disk (one the nodes share, if several build it)"
         )
     acc = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision)
     set_seed(cfg.train.seed)  # the encoder the trainer builds: `weights: none` from the same seed,

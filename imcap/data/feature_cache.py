@@ -35,7 +35,6 @@ from imcap.data.shards import (
     known_sizes,
     list_shards,
     member_key,
-    read_sizes,
     shard_file_name,
     update_sizes,
 )
@@ -58,12 +57,14 @@ def encoder_digest(encoder: EncoderCNN, image_size: int) -> str:
 
 
 def shards_fingerprint(source: str) -> dict:
-    """What a cache's source shards are, cheap to read: their sizes.json, and each local shard's byte size and
-    modification time (a rebuild writes new files; tars are padded, so their sizes alone seldom change).
-    Of shards at a URL, sizes.json alone: a stat there would be a request for every shard."""
-    shards = [] if is_url(source) else list_shards(source)
-    stats = {shard_file_name(shard): os.stat(shard) for shard in shards}
-    return {"sizes": read_sizes(source), "shards": {name: [s.st_size, s.st_mtime_ns] for name, s in stats.items()}}
+    """What a cache's source shards are, cheap to read: their counts in sizes.json, and each local shard's
+    byte size and modification time (a rebuild writes new files; tars are padded, so their sizes alone
+    seldom change). Of shards at a URL or from pipe: commands, the counts alone: a stat there would be a
+    request for every shard."""
+    shards = list_shards(source)
+    sizes = {shard_file_name(shard): size for shard, size in known_sizes(shards).items()}
+    stats = {} if is_url(source) else {shard_file_name(shard): os.stat(shard) for shard in shards}
+    return {"sizes": sizes, "shards": {name: [s.st_size, s.st_mtime_ns] for name, s in stats.items()}}
 
 
 def _made_from_other_shards(meta: dict | None, source: str) -> bool:
@@ -142,7 +143,12 @@ def cache_shard(
     if target.exists() and not stale:  # written by an interrupted build
         return target.name, _cached_samples(target)
     with TarShard(target) as tar:
-        skipped = _cache_shard(tar, source_samples, encoder, image_size, batch_size, DTYPES[dtype])
+        skipped, lost = _cache_shard(tar, source_samples, encoder, image_size, batch_size, DTYPES[dtype])
+        if lost and is_url(shard):  # a fetch that failed every time: not cached short for good, fetched next build
+            raise DataError(
+                f"{shard}: {lost} of its samples could not be fetched, so it is not cached; run the build "
+                "again to fetch it again (the shards already cached are kept)"
+            )
     if skipped:
         log.warning(
             "%s: %d of its samples could not be cached (the first: %s, %s); the cache keeps a marker for "
@@ -156,15 +162,16 @@ def cache_shard(
 
 def _cache_shard(
     tar: TarShard, source_samples: Iterator[Fetched], encoder: EncoderCNN, image_size, batch_size, dtype
-) -> list[tuple[str, str]]:
+) -> tuple[list[tuple[str, str]], int]:
     """The cache samples of one source shard, in its order: features, or a marker for a sample that cannot
-    be decoded. A sample that could not be read (a tar cut short, a transfer that failed every time) is
-    left out, as `fetched` warns. -> (key, reason) of each marked."""
+    be decoded. A sample that could not be read (a local tar cut short) is left out, as `fetched` warns.
+    -> ((key, reason) of each marked, the number left out)."""
     device = encoder.mean.device
     batch: list[tuple[str, Sample | SampleError]] = []
-    skipped = []
+    skipped, lost = [], 0
     for _, _, sample in source_samples:
         if sample is None:
+            lost += 1
             continue
         try:
             decoded: Sample | SampleError = decode_sample(sample, image_size, None)
@@ -177,7 +184,7 @@ def _cache_shard(
             batch = []
     if batch:
         _write_batch(tar, batch, encoder, device, dtype)
-    return skipped
+    return skipped, lost
 
 
 def _cached_samples(cache_shard: Path) -> int:
